@@ -1,0 +1,150 @@
+"""The lesson site: it builds with warnings as errors, it renders what a reader needs,
+and the strict build really does stop on a broken page.
+
+Sphinx runs as `python -m sphinx` under the interpreter that runs the tests, so
+`make test` checks the .venv and `make test PYTHON=python` checks your own environment.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONTENT = REPO / "content"
+
+
+def sphinx_build(confdir: Path, srcdir: Path, outdir: Path) -> subprocess.CompletedProcess:
+    """The Makefile's `html` build (-W --keep-going), quiet, into outdir."""
+    return subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q",
+         "-c", str(confdir), str(srcdir), str(outdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Build the real site once for all the tests in this file."""
+    outdir = tmp_path_factory.mktemp("site") / "html"
+    result = sphinx_build(REPO, CONTENT, outdir)
+    return result, outdir
+
+
+def html_classes(html: str) -> list[set[str]]:
+    """The class list of every element that has one."""
+    return [set(value.split()) for value in re.findall(r'class="([^"]*)"', html)]
+
+
+def test_site_builds_with_warnings_as_errors(site):
+    result, outdir = site
+    assert result.returncode == 0, f"sphinx-build failed:\n{result.stderr[-5000:]}"
+    assert "WARNING" not in result.stderr, result.stderr[-5000:]
+    assert (outdir / "index.html").is_file()
+    assert (outdir / "why-lightning.html").is_file()
+
+
+def test_episode_one_renders_exercises_with_hidden_solutions(site):
+    result, outdir = site
+    assert result.returncode == 0, result.stderr[-5000:]
+    classes = html_classes((outdir / "why-lightning.html").read_text(encoding="utf-8"))
+    # sphinx-lesson renders each directive as an admonition carrying the directive's name;
+    # a solution also carries "dropdown", which sphinx-togglebutton turns into a toggle.
+    exercises = [c for c in classes if {"admonition", "exercise"} <= c]
+    solutions = [c for c in classes if {"admonition", "solution", "dropdown"} <= c]
+    assert exercises, "no exercise block on the Why Lightning page"
+    assert len(solutions) == len(exercises), "every exercise needs its solution"
+    for name in ("questions", "objectives", "keypoints"):
+        assert any({"admonition", name} <= c for c in classes), f"no {name} block"
+
+
+def test_pages_load_nothing_from_other_hosts(site):
+    """The site must work offline and must not pull scripts, styles or images from a CDN.
+
+    If this fails after adding math, a font or a widget: ship the file in the site instead.
+    """
+    result, outdir = site
+    assert result.returncode == 0, result.stderr[-5000:]
+    remote = re.compile(
+        r'<(?:script|img|iframe)\b[^>]*\bsrc="(?:https?:)?//[^"]*"'
+        r'|<link\b[^>]*\bhref="(?:https?:)?//[^"]*"'
+    )
+    offenders = {
+        page.name: remote.findall(page.read_text(encoding="utf-8"))
+        for page in outdir.glob("*.html")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_schedule_adds_up():
+    """Each row of the schedule on the front page starts when the previous one ends,
+    and an episode's own "Teaching: X min, exercises: Y min" line matches its row."""
+    rows = re.findall(
+        r"^\|\s*(\d\d):(\d\d)\s*\|\s*(?:(\d+) min)?\s*\|\s*(.*?)\s*\|\s*$",
+        (CONTENT / "index.md").read_text(encoding="utf-8"),
+        flags=re.MULTILINE,
+    )
+    assert len(rows) > 5, "schedule table not found in content/index.md"
+    for (h, m, minutes, what), (h2, m2, _, what2) in zip(rows, rows[1:]):
+        assert minutes, f"the row {what!r} needs a duration"
+        end = int(h) * 60 + int(m) + int(minutes)
+        assert end == int(h2) * 60 + int(m2), f"{what!r} does not end when {what2!r} starts"
+    assert not rows[-1][2] and rows[-1][3] == "End", "the last row should be the end time"
+
+    for _, _, minutes, what in rows:
+        doc = re.search(r"\{doc\}`([\w-]+)`", what)
+        if not doc:
+            continue
+        page = (CONTENT / f"{doc.group(1)}.md").read_text(encoding="utf-8")
+        timing = re.search(r"^Teaching: (\d+) min, exercises: (\d+) min", page, re.MULTILINE)
+        if timing:
+            total = int(timing.group(1)) + int(timing.group(2))
+            assert total == int(minutes), (
+                f"{doc.group(1)}.md says {total} min, the schedule in index.md says {minutes} min"
+            )
+
+
+def test_code_on_pages_comes_from_tested_files():
+    """Pages show code only by including files from examples/ or slurm/ (which the tests
+    run); a code block pasted into a page could drift from what was tested.
+    Console blocks with the commands a learner types are fine."""
+    allowed_languages = {"console", "text", "none", "output"}
+    forbidden_directives = {"code-block", "code", "sourcecode", "code-cell"}
+    include = re.compile(r"^\s*(?:`{3,}|~{3,}|:{3,})\{literalinclude\}\s+(\S+)")
+    fence = re.compile(r"^\s*(?:`{3,}|~{3,}|:{3,})\s*(\{[\w-]+\}|[\w+-]+)")
+    problems = []
+    for page in sorted(CONTENT.rglob("*.md")):
+        for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            where = f"{page.relative_to(REPO)}:{number}"
+            if m := include.match(line):
+                target = (page.parent / m.group(1)).resolve()
+                if not any(target.is_relative_to(REPO / d) for d in ("examples", "slurm")):
+                    problems.append(f"{where}: include a file from examples/ or slurm/, not {m.group(1)}")
+            elif m := fence.match(line):
+                info = m.group(1)
+                if info.startswith("{"):
+                    if info.strip("{}") in forbidden_directives:
+                        problems.append(f"{where}: pasted code ({info}); use literalinclude")
+                elif info not in allowed_languages:
+                    problems.append(f"{where}: pasted {info} code; use literalinclude")
+    assert not problems, "\n".join(problems)
+
+
+def test_strict_build_fails_on_a_missing_include(tmp_path):
+    """-W turns a literalinclude of a file that does not exist into a failed build."""
+    shutil.copy(REPO / "conf.py", tmp_path / "conf.py")
+    shutil.copytree(CONTENT, tmp_path / "content")
+    (tmp_path / "content" / "broken-page.md").write_text(
+        "---\norphan: true\n---\n\n# A broken page\n\n"
+        "```{literalinclude} ../examples/no_such_script.py\n```\n",
+        encoding="utf-8",
+    )
+    result = sphinx_build(tmp_path, tmp_path / "content", tmp_path / "html")
+    assert result.returncode != 0, "the build passed although an included file is missing"
+    assert "no_such_script.py" in result.stderr, result.stderr[-5000:]
+    assert "broken-page" in result.stderr, result.stderr[-5000:]
