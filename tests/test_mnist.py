@@ -1,0 +1,139 @@
+"""The MNIST scripts, run as a learner runs them, on CPU and tiny learnable data."""
+
+import re
+
+import pytest
+import torch
+
+from conftest import last_value, load_example, metrics_files, read_metrics, run_script
+
+# 600 tiny training images, 1/12 held out for validation -> 550 to train on.
+TRAIN_IMAGES = 600 - 600 // 12
+BATCH = 32
+STEPS_PER_EPOCH = -(-TRAIN_IMAGES // BATCH)  # the last, smaller batch counts too
+CPU = ("--accelerator", "cpu")
+
+
+def finished_steps(stdout: str) -> int:
+    match = re.search(r"finished after (\d+) training steps", stdout)
+    assert match, f"no 'finished after' line in:\n{stdout[-2000:]}"
+    return int(match.group(1))
+
+
+def test_lightning_mnist_learns_and_reports_outputs(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", out,
+                        *CPU, "--max-epochs", 2, "--batch-size", BATCH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert last_value(rows, "test_acc") > 0.8  # chance is 0.1
+    assert last_value(rows, "val_acc") > 0.8
+    assert last_value(rows, "train_loss") < 1.0  # log(10) = 2.3 before learning
+    assert finished_steps(result.stdout) == 2 * STEPS_PER_EPOCH
+    # The learner is told where the results went, and they are there.
+    assert str(out / "logs" / "version_0" / "metrics.csv") in result.stdout
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    assert str(out / "checkpoints" / "last.ckpt") in result.stdout
+
+
+def test_ddp_on_cpu_runs_two_processes_on_half_the_data_each(mnist_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", out,
+                        *CPU, "--devices", 2, "--strategy", "ddp", "--max-epochs", 1, "--batch-size", BATCH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Each process announces itself, and the distributed sampler halves each one's share.
+    assert "rank 0/2" in result.stdout and "rank 1/2" in result.stdout
+    assert finished_steps(result.stdout) == -(-(TRAIN_IMAGES // 2) // BATCH)
+    assert last_value(read_metrics(out), "test_acc") > 0.5
+
+
+def test_resume_continues_step_count_instead_of_restarting(mnist_dir, tmp_path):
+    out = tmp_path / "resume"
+    common = ("--data-dir", mnist_dir, "--output-dir", out, *CPU, "--batch-size", BATCH)
+    first = run_script("mnist_lightning.py", *common, "--max-epochs", 1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_script("mnist_lightning.py", *common, "--max-epochs", 3, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    assert "Restoring states from the checkpoint path" in second.stdout + second.stderr
+    assert finished_steps(second.stdout) == 3 * STEPS_PER_EPOCH
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 * STEPS_PER_EPOCH
+    # The resumed run logs to a second file whose steps carry on from the first:
+    # each epoch was validated exactly once, none twice.
+    assert [p.parent.name for p in metrics_files(out)] == ["version_0", "version_1"]
+    val_epochs = [int(r["epoch"]) for r in read_metrics(out) if r.get("val_acc")]
+    assert val_epochs == [0, 1, 2]
+    steps = [int(r["step"]) for r in read_metrics(out)]
+    assert steps == sorted(steps)
+
+
+def test_resume_without_checkpoint_starts_fresh(mnist_dir, tmp_path):
+    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", tmp_path / "x",
+                        *CPU, "--fast-dev-run", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no checkpoint" in result.stdout
+
+
+def test_fast_dev_run_runs_one_batch_and_saves_nothing(mnist_dir, tmp_path):
+    out = tmp_path / "fdr"
+    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", out, *CPU, "--fast-dev-run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert finished_steps(result.stdout) == 1
+    assert not list(out.rglob("*.ckpt"))
+
+
+def test_plain_pytorch_script_learns_the_same_data(mnist_dir, tmp_path):
+    out = tmp_path / "plain"
+    result = run_script("mnist_pytorch.py", "--data-dir", mnist_dir, "--output-dir", out,
+                        "--epochs", 2, "--batch-size", BATCH, "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(re.search(r"test_acc ([\d.]+)", result.stdout).group(1)) > 0.8
+    assert len(re.findall(r"^epoch \d+:", result.stdout, flags=re.M)) == 2
+    saved = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "epoch"} <= set(saved)
+
+
+def assert_clean_error(result, expected: str):
+    """Non-zero exit, no traceback, and exactly one line that explains the problem."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, result.stderr
+    assert expected in error_lines[0], error_lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (("--devices", "0"), "--devices must be"),
+        (("--devices", "two"), "--devices must be"),
+        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--max-epochs", "0"), "--max-epochs must be at least 1"),
+        (("--strategy", "deepspeed"), "invalid choice: 'deepspeed'"),
+        (("--strategy", "fsdp", "--accelerator", "cpu"), "--strategy fsdp needs GPUs"),
+    ],
+)
+def test_bad_flags_give_one_clear_line(mnist_dir, tmp_path, flags, expected):
+    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", tmp_path, *flags)
+    assert_clean_error(result, expected)
+
+
+def test_slurm_task_count_mismatch_is_refused(mnist_dir, tmp_path):
+    slurm = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0"}
+    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", tmp_path,
+                        *CPU, "--devices", 2, "--strategy", "ddp", env=slurm)
+    assert_clean_error(result, "SLURM started 3 tasks but --devices 2 x --num-nodes 1 = 2")
+
+
+def test_offline_missing_data_gives_clear_message(tmp_path):
+    from torchvision.datasets import MNIST
+
+    if load_example("mnist_lightning").can_reach(MNIST.mirrors[0]):
+        pytest.skip("this machine can reach the MNIST mirror, so the offline path cannot be shown")
+    empty = tmp_path / "empty"
+    for script in ("mnist_lightning.py", "mnist_pytorch.py"):
+        result = run_script(script, "--data-dir", empty, "--output-dir", tmp_path / "out", timeout=60)
+        assert_clean_error(result, f"MNIST is not in {empty}")
+        if script == "mnist_lightning.py":  # it names the command that fixes it
+            assert f"--data-dir {empty} --download-only" in result.stderr
