@@ -284,13 +284,11 @@ def main(argv=None):
 
     L.seed_everything(args.seed, workers=True)
     model = LitMLP(lr=args.lr)
-    checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
-        filename="best-{epoch}-{val_acc:.4f}",
-        monitor="val_acc",
-        mode="max",
-        save_last=True,  # last.ckpt: what --resume continues from
-    )
+    # Two checkpoints: the best epoch so far (what we test) and the latest epoch,
+    # overwritten each time (what --resume continues from).
+    best_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch}-{val_acc:.4f}",
+                                monitor="val_acc", mode="max")
+    last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False)
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -305,11 +303,11 @@ def main(argv=None):
         # run continues the step count in a new file instead of overwriting the old one.
         logger=CSVLogger(output_dir, name="logs"),
         # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
-        callbacks=[] if args.fast_dev_run else [checkpoint],
+        callbacks=[] if args.fast_dev_run else [best_ckpt, last_ckpt],
     )
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    best, last = checkpoint.best_model_path, checkpoint.last_model_path
+    best, last = best_ckpt.best_model_path, last_ckpt.best_model_path  # unmonitored: the newest
     # Test the best weights seen during validation (fast-dev-run saves no checkpoint).
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
 
@@ -317,7 +315,7 @@ def main(argv=None):
         print(f"finished after {trainer.global_step} training steps")
         if not args.fast_dev_run:  # a smoke run writes no logs and no checkpoints
             print(f"metrics:     {Path(trainer.logger.log_dir) / 'metrics.csv'}")
-            print(f"checkpoints: {best} (best), {last} (last)")
+            print(f"checkpoints: {best} (best), {last} (latest)")
 # [/docs:main]
 
 

@@ -1,0 +1,467 @@
+"""Train a CNN or a ResNet-18 on CIFAR-10 with PyTorch Lightning.
+
+One file for a laptop CPU, one GPU, several GPUs (DDP), sharded training (FSDP)
+and several nodes: the hardware and the strategy are flags, not code changes.
+
+    python cifar10_lightning.py --accelerator cpu --max-epochs 1     # a quick look
+    python cifar10_lightning.py --model resnet18 --max-epochs 30    # one GPU
+    python cifar10_lightning.py --model resnet18 --devices 4 --strategy ddp
+    python cifar10_lightning.py --model resnet18 --devices 4 --strategy fsdp --wrap-policy block
+    python cifar10_lightning.py --data-dir data --download-only      # fetch the data, then stop
+
+Run ``python cifar10_lightning.py --help`` for every flag.
+"""
+
+import argparse
+import functools
+import os
+import pickle
+import socket
+import sys
+import urllib.parse
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy, size_based_auto_wrap_policy
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.models.resnet import BasicBlock
+
+# Per-channel mean and standard deviation of the CIFAR-10 training images (0-255 scale).
+CIFAR10_MEAN = (125.3, 123.0, 113.9)
+CIFAR10_STD = (63.0, 62.1, 66.7)
+
+
+# [docs:models]
+class ConvBlock(nn.Sequential):
+    """3x3 convolution, batch norm, ReLU: the repeating unit of the small CNN."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def small_cnn(num_classes: int = 10) -> nn.Module:
+    """0.4 M parameters, 90 MFLOP per training image: an epoch in minutes on a laptop CPU."""
+    return nn.Sequential(
+        ConvBlock(3, 32), nn.MaxPool2d(2),     # 32x32 -> 16x16
+        ConvBlock(32, 64), nn.MaxPool2d(2),    # -> 8x8
+        ConvBlock(64, 128), nn.MaxPool2d(2),   # -> 4x4
+        ConvBlock(128, 256), nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(), nn.Linear(256, num_classes),
+    )
+
+
+def resnet18_cifar(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 (11 M parameters) adapted to 32x32 images.
+
+    The ImageNet stem (7x7 stride-2 convolution, then max-pool) would shrink a CIFAR
+    image to 8x8 before the first residual block; a 3x3 stride-1 stem keeps 32x32.
+    """
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS = {"cnn": small_cnn, "resnet18": resnet18_cifar}
+# [/docs:models]
+
+
+# [docs:data]
+def read_cifar10(folder: Path, train: bool):
+    """Read the pickled python batches into (N, 3, 32, 32) uint8 images and labels.
+
+    torchvision's CIFAR10 class would do this too, but it keeps the images as a
+    NumPy array for per-image PIL transforms; we want one tensor for batch transforms.
+    """
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(batch["data"].reshape(-1, 3, 32, 32))
+        labels += batch["labels"]
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Pad by 4, crop a random 32x32 window, flip half of the images: per image, one kernel."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)  # zero padding, like torchvision's RandomCrop
+    dev = images.device
+    top = torch.randint(0, 2 * padding + 1, (n, 1), device=dev)
+    left = torch.randint(0, 2 * padding + 1, (n, 1), device=dev)
+    rows = top + torch.arange(h, device=dev)   # (n, h): the rows each image keeps
+    cols = left + torch.arange(w, device=dev)  # (n, w)
+    flip = torch.rand(n, 1, device=dev) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)  # reading columns backwards = a mirror image
+    batch_idx = torch.arange(n, device=dev)[:, None, None, None]
+    channel_idx = torch.arange(3, device=dev)[None, :, None, None]
+    return padded[batch_idx, channel_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class CIFAR10DataModule(L.LightningDataModule):
+    """CIFAR-10 as uint8 tensors in memory (150 MB); augmentation runs per batch on the device."""
+
+    def __init__(self, data_dir: str, batch_size: int, num_workers: int):
+        super().__init__()
+        self.data_dir = data_dir
+        self.folder = Path(data_dir) / "cifar-10-batches-py"
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def is_downloaded(self) -> bool:
+        return all((self.folder / n).exists() for n in ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)])
+
+    def prepare_data(self):
+        # Once per node, before setup(): torchvision downloads and checks the archive.
+        if self.is_downloaded():
+            return
+        try:
+            torchvision.datasets.CIFAR10(self.data_dir, train=True, download=True)
+        except Exception as err:
+            sys.exit(f"error: downloading CIFAR-10 into {self.data_dir} failed ({str(err).splitlines()[0]})")
+
+    def setup(self, stage: str):
+        if stage == "fit":
+            images, labels = read_cifar10(self.folder, train=True)
+            # The same split on every process: a fixed generator, not the training seed.
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+            n_val = len(labels) // 10  # 5,000 of the 50,000 training images
+            val_idx, train_idx = order[:n_val], order[n_val:]
+            self.train_set = TensorDataset(images[train_idx], labels[train_idx])
+            self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+        if stage == "test":
+            self.test_set = TensorDataset(*read_cifar10(self.folder, train=False))
+
+    def _loader(self, dataset, train: bool) -> DataLoader:
+        # Workers only slice uint8 tensors and stack them: cheap, so a few keep a GPU fed.
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,  # equal-sized batches keep BatchNorm and compiled graphs happy
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),  # lets the copy to the GPU run asynchronously
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_set, train=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        # Lightning calls this once the batch is on the device: augmenting here means a
+        # GPU does the work for a whole batch at once instead of a CPU image by image.
+        images, labels = batch
+        if self.trainer.training:
+            images = random_crop_flip(images)
+        return images, labels
+# [/docs:data]
+
+
+# [docs:module]
+class LitClassifier(L.LightningModule):
+    def __init__(self, model: str = "cnn", lr: float = 0.05, weight_decay: float = 5e-4,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = MODELS[model]()
+        # channels_last lets cuDNN use its fastest convolution kernels on tensor cores.
+        self.net = self.net.to(memory_format=torch.channels_last)
+        self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1), persistent=False)
+        self.val_acc = MulticlassAccuracy(num_classes=10)
+        self.test_acc = MulticlassAccuracy(num_classes=10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std  # uint8 in, normalised float out
+        return self.net(x.contiguous(memory_format=torch.channels_last))
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        logits = self(images)
+        self.log("val_loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
+        self.val_acc(logits, labels)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        self.test_acc(self(images), labels)
+        self.log("test_acc", self.test_acc)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=self.hparams.weight_decay)
+        # One-cycle: warm up for 25% of the steps, then anneal to almost zero.
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=0.25
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self):
+        # A resumed run restores the one-cycle schedule, which was planned for the
+        # original number of steps: it cannot be stretched to more epochs.
+        planned = self.lr_schedulers().total_steps
+        if planned != self.trainer.estimated_stepping_batches:
+            sys.exit(f"error: the checkpoint's learning-rate schedule was planned for {planned} steps, this run "
+                     f"for {self.trainer.estimated_stepping_batches}; resume with the original --max-epochs "
+                     f"and --batch-size, or start a new run in another --output-dir")
+
+    def on_fit_start(self):
+        if self.trainer.world_size > 1:
+            print(
+                f"rank {self.global_rank}/{self.trainer.world_size} "
+                f"(local rank {self.local_rank}) on {socket.gethostname()} uses {self.device}",
+                flush=True,
+            )
+# [/docs:module]
+
+
+# [docs:fsdp]
+def wrap_policy(name: str, min_params: int):
+    """Which submodules FSDP turns into separately sharded units.
+
+    none:  the whole model is one unit; every parameter is gathered at once.
+    block: each residual block (ResNet-18) or conv block (CNN) is a unit.
+    size:  any subtree holding at least min_params parameters becomes a unit.
+    """
+    if name == "none":
+        return None
+    if name == "block":
+        return ModuleWrapPolicy({BasicBlock, ConvBlock})
+    return functools.partial(size_based_auto_wrap_policy, min_num_params=min_params)
+
+
+def build_strategy(args):
+    if args.strategy != "fsdp":
+        return args.strategy
+    return FSDPStrategy(
+        auto_wrap_policy=wrap_policy(args.wrap_policy, args.min_params),
+        sharding_strategy=args.sharding,
+        activation_checkpointing_policy=ModuleWrapPolicy({BasicBlock, ConvBlock}) if args.activation_checkpointing else None,
+        state_dict_type=args.checkpoint_format,  # "full": one file; "sharded": a folder, one piece per rank
+    )
+# [/docs:fsdp]
+
+
+# [docs:helpers]
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by SLURM's allocation."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        n = min(n, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    return max(n or 1, 1)
+
+
+def can_reach(url: str, timeout: float = 5.0) -> bool:
+    """True if a TCP connection to the URL's host opens within the timeout."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_slurm_tasks(devices, num_nodes: int):
+    """Stop early if the SLURM allocation cannot match --devices x --num-nodes.
+
+    Lightning checks this itself for DDP, but not for FSDP, where a mismatch hangs.
+    """
+    ntasks = os.environ.get("SLURM_NTASKS")
+    if ntasks is None or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return
+    if isinstance(devices, int) and int(ntasks) != devices * num_nodes:
+        sys.exit(
+            f"error: SLURM started {ntasks} tasks but --devices {devices} x --num-nodes "
+            f"{num_nodes} = {devices * num_nodes}; set --ntasks-per-node to the devices per "
+            f"node and --nodes to the number of nodes"
+        )
+
+
+def find_resume_checkpoint(output_dir: Path):
+    """The checkpoint --resume continues from, or None."""
+    if any(output_dir.glob("hpc_ckpt_*.ckpt")):
+        # A SLURM requeue saved this; Lightning restores it by itself, but only when
+        # ckpt_path is None. Passing any path here would silently skip it.
+        return None
+    last = output_dir / "checkpoints" / "last.ckpt"  # a file, or a folder for sharded FSDP
+    if last.exists():
+        return str(last)
+    print(f"--resume: no checkpoint in {output_dir}, starting from scratch", flush=True)
+    return None
+# [/docs:helpers]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: %(default)s)")
+    data.add_argument("--download-only", action="store_true", help="download CIFAR-10 into --data-dir and exit")
+    data.add_argument("--num-workers", type=int, default=None,
+                      help="DataLoader worker processes per device (default: up to 4, fewer if this process may use fewer CPUs)")
+
+    hw = parser.add_argument_group("hardware (passed to the Trainer)")
+    hw.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
+                    help="default: %(default)s (a GPU if there is one)")
+    hw.add_argument("--devices", default="auto", help="devices per node: a number or 'auto' (default: %(default)s)")
+    hw.add_argument("--num-nodes", type=int, default=1, help="nodes (default: %(default)s)")
+    hw.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+                    help="how to use several devices (default: %(default)s)")
+    hw.add_argument("--precision", default=None, choices=["32-true", "16-mixed", "bf16-mixed"],
+                    help="default: bf16-mixed on a GPU, 32-true on a CPU")
+
+    model = parser.add_argument_group("model and training")
+    model.add_argument("--model", default="cnn", choices=sorted(MODELS), help="default: %(default)s")
+    model.add_argument("--max-epochs", type=int, default=10, help="default: %(default)s")
+    model.add_argument("--batch-size", type=int, default=256, help="per device (default: %(default)s)")
+    model.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate (default: %(default)s)")
+    model.add_argument("--weight-decay", type=float, default=5e-4, help="default: %(default)s")
+    model.add_argument("--label-smoothing", type=float, default=0.0, help="default: %(default)s")
+    model.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value (default: off)")
+    model.add_argument("--early-stop-patience", type=int, default=None,
+                       help="stop after this many epochs without a better val_acc (default: off)")
+    model.add_argument("--compile", action="store_true", help="compile the network with torch.compile")
+    model.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                       help="torch.compile mode (default: %(default)s)")
+    model.add_argument("--seed", type=int, default=42, help="default: %(default)s")
+
+    fsdp = parser.add_argument_group("FSDP (only with --strategy fsdp)")
+    fsdp.add_argument("--wrap-policy", default="block", choices=["none", "block", "size"],
+                      help="what FSDP shards as one unit (default: %(default)s)")
+    fsdp.add_argument("--min-params", type=int, default=100_000,
+                      help="with --wrap-policy size: parameters per unit (default: %(default)s)")
+    fsdp.add_argument("--sharding", default="FULL_SHARD",
+                      choices=["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"], help="default: %(default)s")
+    fsdp.add_argument("--activation-checkpointing", action="store_true",
+                      help="recompute block activations in the backward pass to save memory")
+    fsdp.add_argument("--checkpoint-format", default="full", choices=["full", "sharded"], help="default: %(default)s")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", default="runs/cifar10",
+                     help="logs/, tensorboard/ and checkpoints/ go here (default: %(default)s)")
+    out.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    out.add_argument("--fast-dev-run", action="store_true", help="run one batch of each stage as a smoke test")
+    out.add_argument("--no-progress-bar", action="store_true", help="no progress bar (for batch jobs' log files)")
+    args = parser.parse_args(argv)
+
+    if args.devices != "auto":
+        if not args.devices.isdigit() or int(args.devices) < 1:
+            parser.error(f"--devices must be 'auto' or a whole number >= 1, not {args.devices!r}")
+        args.devices = int(args.devices)
+    for flag in ("num_nodes", "max_epochs", "batch_size", "min_params"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error("--num-workers must be 0 or more")
+    if args.lr <= 0:
+        parser.error("--lr must be positive")
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        parser.error(f"--accelerator {args.accelerator}: PyTorch sees no GPU on this machine")
+    on_cpu = args.accelerator == "cpu" or not torch.cuda.is_available()
+    if args.strategy == "fsdp" and on_cpu:
+        parser.error("--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); use --strategy ddp on CPU")
+    if args.precision is None:
+        args.precision = "32-true" if on_cpu else "bf16-mixed"
+    return args
+
+
+# [docs:main]
+def main(argv=None):
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    num_workers = args.num_workers if args.num_workers is not None else min(4, usable_cpus() - 1)
+    datamodule = CIFAR10DataModule(args.data_dir, args.batch_size, num_workers)
+
+    if args.download_only:
+        datamodule.prepare_data()
+        print(f"CIFAR-10 is ready in {args.data_dir}")
+        return
+    if not datamodule.is_downloaded() and not can_reach(torchvision.datasets.CIFAR10.url):
+        sys.exit(
+            f"error: CIFAR-10 is not in {args.data_dir} and this machine cannot download it; "
+            f"on a machine with internet (e.g. a login node) run: "
+            f"python {sys.argv[0]} --data-dir {args.data_dir} --download-only"
+        )
+    check_slurm_tasks(args.devices, args.num_nodes)
+
+    L.seed_everything(args.seed, workers=True)
+    torch.set_float32_matmul_precision("high")  # TF32 matrix units for any float32 work
+    model = LitClassifier(args.model, lr=args.lr, weight_decay=args.weight_decay,
+                          label_smoothing=args.label_smoothing)
+    if args.compile:
+        model.net.compile(mode=args.compile_mode)  # in place: checkpoints keep their plain names
+
+    # The best epoch so far (what we test) and the latest one (what --resume continues from).
+    best_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch}-{val_acc:.4f}",
+                                monitor="val_acc", mode="max")
+    last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False)
+    # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
+    callbacks = [] if args.fast_dev_run else [best_ckpt, last_ckpt]
+    callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if args.early_stop_patience:
+        callbacks.append(EarlyStopping(monitor="val_acc", mode="max", patience=args.early_stop_patience))
+    if not args.no_progress_bar:
+        # Redrawing the bar reads the loss back from the GPU, which makes the CPU wait;
+        # every 10 steps costs little, every step costs about a tenth of the speed.
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=build_strategy(args),
+        precision=args.precision,
+        max_epochs=args.max_epochs,
+        gradient_clip_val=args.grad_clip,
+        fast_dev_run=args.fast_dev_run,
+        benchmark=True,  # images are always 32x32, so cuDNN may pick its fastest kernels once
+        enable_progress_bar=not args.no_progress_bar,
+        log_every_n_steps=20,
+        default_root_dir=output_dir,  # where SLURM requeue checkpoints go: keep it fixed
+        logger=[CSVLogger(output_dir, name="logs"), TensorBoardLogger(output_dir, name="tensorboard")],
+        callbacks=callbacks,
+    )
+    if trainer.is_global_zero:
+        print(f"effective batch size: {args.batch_size} per device x {trainer.world_size} devices "
+              f"= {args.batch_size * trainer.world_size}", flush=True)
+
+    ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    best, last = best_ckpt.best_model_path, last_ckpt.best_model_path  # unmonitored: the newest
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+
+    if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
+        print(f"rank {trainer.global_rank}: peak GPU memory {peak:.2f} GiB", flush=True)
+    if trainer.is_global_zero:
+        print(f"finished after {trainer.global_step} training steps")
+        if not args.fast_dev_run:
+            print(f"metrics:     {Path(trainer.loggers[0].log_dir) / 'metrics.csv'}")
+            print(f"checkpoints: {best} (best), {last} (latest)")
+# [/docs:main]
+
+
+if __name__ == "__main__":
+    main()

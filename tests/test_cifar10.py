@@ -1,0 +1,210 @@
+"""The CIFAR-10 script on CPU and tiny learnable data, and its FSDP wrap policies."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import EXAMPLES, last_value, load_example, metrics_files, read_metrics, run_script, write_tiny_cifar10
+
+# 5 batches of 100 tiny images, 1/10 held out for validation -> 450 to train on.
+TRAIN_IMAGES = 450
+BATCH = 32
+STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH  # the training loader drops the last partial batch
+CPU = ("--accelerator", "cpu", "--no-progress-bar")
+
+
+def finished_steps(stdout: str) -> int:
+    match = re.search(r"finished after (\d+) training steps", stdout)
+    assert match, f"no 'finished after' line in:\n{stdout[-2000:]}"
+    return int(match.group(1))
+
+
+def test_cnn_learns_on_cpu(cifar_dir, tmp_path):
+    out = tmp_path / "cnn"
+    result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", out, *CPU,
+                        "--model", "cnn", "--max-epochs", 3, "--batch-size", BATCH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert last_value(rows, "test_acc") > 0.5  # chance is 0.1
+    assert finished_steps(result.stdout) == 3 * STEPS_PER_EPOCH
+    assert "lr-SGD" in rows[0]  # the LearningRateMonitor logs the schedule
+    assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_resnet18_learns_on_cpu(tmp_path):
+    # ResNet-18 costs ~20x the CNN per image, so it gets an even tinier data set.
+    data = write_tiny_cifar10(tmp_path / "data", per_batch=20, n_test=50)
+    out = tmp_path / "resnet"
+    result = run_script("cifar10_lightning.py", "--data-dir", data, "--output-dir", out, *CPU,
+                        "--model", "resnet18", "--max-epochs", 4, "--batch-size", 10)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_value(read_metrics(out), "test_acc") > 0.3
+
+
+def test_ddp_on_cpu_splits_the_data_between_two_processes(cifar_dir, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", out, *CPU,
+                        "--devices", 2, "--strategy", "ddp", "--max-epochs", 1, "--batch-size", BATCH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0/2" in result.stdout and "rank 1/2" in result.stdout
+    assert "effective batch size: 32 per device x 2 devices = 64" in result.stdout
+    assert finished_steps(result.stdout) == (TRAIN_IMAGES // 2) // BATCH
+
+
+def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_dir, tmp_path):
+    out = tmp_path / "resume"
+    args = ["--data-dir", cifar_dir, "--output-dir", out, *CPU, "--batch-size", BATCH, "--max-epochs", 4]
+    # Kill the run the way a time limit or a node failure would, once it has
+    # written its first end-of-epoch checkpoint (Lightning writes it atomically).
+    run = subprocess.Popen([sys.executable, EXAMPLES / "cifar10_lightning.py", *map(str, args)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "last.ckpt").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.kill()
+    killed_output = run.communicate()[0]
+    assert "finished after" not in killed_output, "the run ended before it could be killed"
+
+    resumed = run_script("cifar10_lightning.py", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
+    assert finished_steps(resumed.stdout) == 4 * STEPS_PER_EPOCH
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4 * STEPS_PER_EPOCH
+    # The resumed run logs to a new file whose steps carry on from the checkpoint.
+    second = [int(r["step"]) for r in read_metrics(out) if r.get("train_loss")][-3:]
+    assert len(metrics_files(out)) == 2 and min(second) > STEPS_PER_EPOCH
+
+    # Asking the restored one-cycle schedule to stretch over more epochs is refused clearly.
+    longer = run_script("cifar10_lightning.py", *args[:-1], 8, "--resume")
+    assert longer.returncode == 1 and "Traceback" not in longer.stderr
+    assert "resume with the original --max-epochs" in longer.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (("--devices", "0"), "--devices must be"),
+        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--model", "vgg"), "invalid choice: 'vgg'"),
+        (("--strategy", "horovod"), "invalid choice: 'horovod'"),
+        (("--wrap-policy", "layer"), "invalid choice: 'layer'"),
+        (("--min-params", "0"), "--min-params must be at least 1"),
+        (("--strategy", "fsdp", "--accelerator", "cpu"), "--strategy fsdp needs GPUs"),
+        (("--lr", "-1"), "--lr must be positive"),
+    ],
+)
+def test_bad_flags_give_one_clear_line(cifar_dir, tmp_path, flags, expected):
+    result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", tmp_path, *flags)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_without_one_is_refused(cifar_dir, tmp_path):
+    result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", tmp_path, "--accelerator", "gpu")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "PyTorch sees no GPU" in result.stderr.splitlines()[-1]
+
+
+def test_offline_missing_data_names_the_download_command(tmp_path):
+    module = load_example("cifar10_lightning")
+    if module.can_reach(module.torchvision.datasets.CIFAR10.url):
+        pytest.skip("this machine can reach the CIFAR-10 server, so the offline path cannot be shown")
+    result = run_script("cifar10_lightning.py", "--data-dir", tmp_path / "none", "--output-dir", tmp_path, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--data-dir {tmp_path / 'none'} --download-only" in result.stderr
+
+
+def test_random_crop_flip_moves_and_mirrors_each_image_independently():
+    module = load_example("cifar10_lightning")
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = module.random_crop_flip(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    # Every output image is some crop (possibly mirrored) of its own padded input.
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    kinds = set()
+    for i in range(len(images)):
+        matches = [(top, left, flip) for top in range(9) for left in range(9) for flip in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(-1) if flip else c)(padded[i, :, top:top + 32, left:left + 32]))]
+        assert matches, f"image {i} is not a crop of its input"
+        kinds.add(matches[0])
+    assert len(kinds) > 10  # offsets and flips differ from image to image
+
+
+# ----------------------------------------------------------------- FSDP wrap policies
+
+@pytest.fixture(scope="module")
+def gloo_group():
+    """A one-process gloo group, so torch's FSDP can wrap a model on the CPU."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def fsdp_units(model, policy) -> dict[str, torch.nn.Module]:
+    """Wrap with torch's FSDP and return {qualified name: module} of every sharded unit."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    return {
+        name.replace("_fsdp_wrapped_module.", "").removesuffix("_fsdp_wrapped_module").rstrip("."): unit.module
+        for name, unit in wrapped.named_modules()
+        if isinstance(unit, FSDP)
+    }
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "resnet18"])
+def test_wrap_policy_none_makes_one_unit(gloo_group, model_name):
+    module = load_example("cifar10_lightning")
+    assert list(fsdp_units(module.MODELS[model_name](), module.wrap_policy("none", 1))) == [""]
+
+
+@pytest.mark.parametrize("model_name, block, count", [("cnn", "ConvBlock", 4), ("resnet18", "BasicBlock", 8)])
+def test_wrap_policy_block_wraps_every_block_and_nothing_else(gloo_group, model_name, block, count):
+    module = load_example("cifar10_lightning")
+    units = fsdp_units(module.MODELS[model_name](), module.wrap_policy("block", 1))
+    inner = [type(m).__name__ for name, m in units.items() if name]
+    assert inner == [block] * count
+
+
+def smallest_subtrees_with(model, min_params: int) -> set[str]:
+    """The size rule in plain words: bottom up, a submodule becomes a unit as soon as
+    the parameters it holds outside smaller units reach min_params."""
+    units = set()
+
+    def unwrapped_params(name, module):
+        count = sum(p.numel() for p in module.parameters(recurse=False))
+        for child_name, child in module.named_children():
+            count += unwrapped_params(f"{name}.{child_name}" if name else child_name, child)
+        if name and count >= min_params:
+            units.add(name)
+            return 0
+        return count
+
+    unwrapped_params("", model)
+    return units
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "resnet18"])
+def test_wrap_policy_size_wraps_the_smallest_large_enough_subtrees(gloo_group, model_name):
+    module = load_example("cifar10_lightning")
+    min_params = 100_000
+    expected = smallest_subtrees_with(module.MODELS[model_name](), min_params)
+    units = fsdp_units(module.MODELS[model_name](), module.wrap_policy("size", min_params))
+    assert set(units) - {""} == expected
+    assert expected  # the rule does pick something in both models
