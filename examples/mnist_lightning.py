@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -241,6 +241,7 @@ def parse_args(argv=None):
                        help="logs/version_N/metrics.csv and checkpoints/ go here (default: %(default)s)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     train.add_argument("--fast-dev-run", action="store_true", help="run one batch of each stage as a smoke test")
+    train.add_argument("--no-progress-bar", action="store_true", help="no progress bar (for batch jobs' log files)")
     args = parser.parse_args(argv)
 
     # Turn impossible combinations into one clear line instead of a deep traceback.
@@ -289,6 +290,11 @@ def main(argv=None):
     best_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch}-{val_acc:.4f}",
                                 monitor="val_acc", mode="max")
     last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False)
+    # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
+    callbacks = [] if args.fast_dev_run else [best_ckpt, last_ckpt]
+    if not args.no_progress_bar:
+        # Redrawing the bar reads the loss back from the GPU and makes the CPU wait for it.
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -302,8 +308,8 @@ def main(argv=None):
         # Each run, and each resumed run, writes logs/version_N/metrics.csv: a resumed
         # run continues the step count in a new file instead of overwriting the old one.
         logger=CSVLogger(output_dir, name="logs"),
-        # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
-        callbacks=[] if args.fast_dev_run else [best_ckpt, last_ckpt],
+        enable_progress_bar=not args.no_progress_bar,
+        callbacks=callbacks,
     )
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

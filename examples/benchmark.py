@@ -1,0 +1,390 @@
+"""Where does the time go? Training throughput of cifar10_lightning.py against a plain loop.
+
+Every number comes from one process on one device, after warm-up, on synthetic data of
+CIFAR-10's shape (the speed does not depend on what the pixels show):
+
+- a plain PyTorch loop over images already on the GPU: the reference;
+- the Lightning script's own path (DataLoader workers, batch augmentation on the GPU);
+- the knobs the lesson discusses: fp32 vs bf16, torch.compile, the progress bar,
+  DDP and FSDP on one device, the classic per-image PIL pipeline;
+- the MNIST script's epoch time against a plain loop over GPU tensors.
+
+    python benchmark.py                     # on a GPU: the full set, a few minutes
+    python benchmark.py --small             # anywhere: a tiny model and a few steps
+    python benchmark.py --out results/      # results.json, results.csv, results.svg
+
+Keep it next to cifar10_lightning.py and mnist_lightning.py: it imports both.
+"""
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import types
+from datetime import date
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cifar10_lightning as cifar  # noqa: E402  (the script under test)
+import mnist_lightning as mnist  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------- plain PyTorch
+
+def plain_cifar_loop(cfg, images, labels, precision="bf16", compile_mode=None) -> float:
+    """The reference: the same model, augmentation, optimiser and schedule, written by hand."""
+    device = cfg.device
+    torch.manual_seed(0)
+    net = cifar.MODELS[cfg.model]().to(device, memory_format=torch.channels_last)
+    if compile_mode:
+        net.compile(mode=compile_mode)
+    mean = torch.tensor(cifar.CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cifar.CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    total = cfg.warmup + cfg.steps
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=total, pct_start=0.25)
+    images, labels = images.to(device), labels.to(device)  # resident: no loader at all
+    order = torch.randperm(len(labels), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    net.train()
+    for step in range(total):
+        if step == cfg.warmup:
+            sync(device)
+            start = time.perf_counter()
+        idx = order[(step * cfg.batch) % (len(order) - cfg.batch):][: cfg.batch]
+        x = cifar.random_crop_flip(images[idx])
+        x = ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = F.cross_entropy(net(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    sync(device)
+    return cfg.steps * cfg.batch / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------- Lightning
+
+class SyntheticCIFAR10(cifar.CIFAR10DataModule):
+    """The script's data module with random images instead of files: same loaders, same hooks."""
+
+    def __init__(self, images, labels, batch_size, num_workers):
+        super().__init__("unused", batch_size, num_workers)
+        self.images, self.labels = images, labels
+
+    def prepare_data(self):
+        pass
+
+    def setup(self, stage):
+        self.train_set = TensorDataset(self.images, self.labels)
+
+
+class Throughput(Callback):
+    """Times training steps warmup .. warmup+steps, waiting for the GPU at both ends only."""
+
+    def __init__(self, warmup, batch):
+        self.warmup, self.batch = warmup, batch
+        self.start = self.end = None
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        sync(pl_module.device)
+        self.end = time.perf_counter()
+        self.steps = trainer.global_step - self.warmup
+
+    @property
+    def images_per_s(self):
+        return self.steps * self.batch / (self.end - self.start)
+
+
+def lightning_cifar(cfg, images, labels, precision="bf16-mixed", strategy="auto", progress=None,
+                    logger=True, compile_mode=None, wrap="block", num_workers=None) -> float:
+    """The script's LightningModule and data module under a Trainer, as cifar10_lightning.py builds it."""
+    L.seed_everything(0, verbose=False)
+    model = cifar.LitClassifier(cfg.model, lr=0.05)
+    if compile_mode:
+        model.net.compile(mode=compile_mode)
+    workers = cfg.workers if num_workers is None else num_workers
+    data = SyntheticCIFAR10(images, labels, cfg.batch, workers)
+    timer = Throughput(cfg.warmup, cfg.batch)
+    callbacks = [timer] + ([TQDMProgressBar(refresh_rate=progress)] if progress else [])
+    if strategy == "fsdp":
+        strategy = cifar.build_strategy(types.SimpleNamespace(
+            strategy="fsdp", wrap_policy=wrap, min_params=100_000, sharding="FULL_SHARD",
+            activation_checkpointing=False, checkpoint_format="full"))
+    trainer = L.Trainer(
+        accelerator=cfg.device.type if cfg.device.type == "cuda" else "cpu", devices=1, strategy=strategy,
+        precision=precision, max_steps=cfg.warmup + cfg.steps, limit_val_batches=0, num_sanity_val_steps=0,
+        benchmark=True, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=bool(progress), callbacks=callbacks, log_every_n_steps=20,
+        logger=L.pytorch.loggers.CSVLogger(cfg.tmp, name="bench") if logger else False,
+    )
+    trainer.fit(model, datamodule=data)
+    return timer.images_per_s
+
+
+def loader_alone(cfg, images, labels) -> float:
+    """The script's DataLoader without any training: how fast can it deliver batches?"""
+    loader = DataLoader(TensorDataset(images, labels), batch_size=cfg.batch, shuffle=True, drop_last=True,
+                        num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                        pin_memory=cfg.device.type == "cuda")
+    batches = iter(loader)
+    for _ in range(min(cfg.warmup, 5)):
+        next(batches)
+    start, n = time.perf_counter(), 0
+    for _ in range(cfg.steps):
+        x, _ = next(batches)
+        x = x.to(cfg.device, non_blocking=True)
+        n += len(x)
+    sync(cfg.device)
+    return n / (time.perf_counter() - start)
+
+
+class PILImages(torch.utils.data.Dataset):
+    """The classic path: one PIL image at a time through torchvision transforms."""
+
+    def __init__(self, images, labels):
+        self.images = images.permute(0, 2, 3, 1).numpy()  # HWC, as torchvision's CIFAR10 keeps them
+        self.labels = labels
+        T = torchvision.transforms
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize([m / 255 for m in cifar.CIFAR10_MEAN],
+                                                [s / 255 for s in cifar.CIFAR10_STD])])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), self.labels[i]
+
+
+def classic_pipeline(cfg, images, labels, workers) -> float:
+    loader = DataLoader(PILImages(images, labels), batch_size=cfg.batch, shuffle=True, num_workers=workers,
+                        persistent_workers=workers > 0, drop_last=True)
+    batches = iter(loader)
+    next(batches)  # start the workers outside the timing
+    steps = max(cfg.steps // 4, 3)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    return steps * cfg.batch / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------- MNIST
+
+def mnist_epoch_seconds(cfg, lightning: bool, workers=None) -> float:
+    """Seconds for one MNIST epoch (55,000 images, batch 128, Adam), second epoch timed."""
+    device = cfg.device
+    n = cfg.mnist_images
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,))
+    if lightning:
+        class Synthetic(mnist.MNISTDataModule):
+            def prepare_data(self):
+                pass
+
+            def setup(self, stage):
+                self.train_set = TensorDataset(images, labels)
+
+        class EpochTimer(Callback):
+            def on_train_epoch_start(self, trainer, pl_module):
+                sync(device)
+                self.start = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                sync(device)
+                self.seconds = time.perf_counter() - self.start
+
+        timer = EpochTimer()
+        if workers is None:
+            workers = min(2, mnist.usable_cpus() - 1)  # the script's default
+        trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=2,
+                            limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
+                            enable_model_summary=False, callbacks=[timer, TQDMProgressBar(refresh_rate=10)],
+                            log_every_n_steps=20, logger=L.pytorch.loggers.CSVLogger(cfg.tmp, name="mnist"))
+        trainer.fit(mnist.LitMLP(), datamodule=Synthetic("unused", 128, workers))
+        return timer.seconds
+
+    torch.manual_seed(0)
+    model = mnist.MLP().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = images.to(device), labels.to(device)
+    for epoch in range(2):
+        sync(device)
+        start = time.perf_counter()
+        for idx in torch.randperm(n, device=device).split(128):
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        sync(device)
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------ main
+
+def environment(device) -> dict:
+    return {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpus": mnist.usable_cpus(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": L.__version__,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true",
+                        help="the small CNN, a few steps, no compile and no FSDP: runs anywhere in seconds")
+    parser.add_argument("--model", choices=sorted(cifar.MODELS), default=None,
+                        help="default: resnet18, or cnn with --small")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 512, or 32 with --small")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 150, or 5 with --small)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "fsdp", "classic", "mnist"],
+                        help="leave out slow groups")
+    parser.add_argument("--out", default="benchmark-results", help="folder for results.json/.csv/.svg")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    small = args.small or device.type != "cuda"
+    cfg = types.SimpleNamespace(
+        device=device,
+        model=args.model or ("cnn" if small else "resnet18"),
+        batch=args.batch_size or (32 if small else 512),
+        warmup=3 if small else 30,
+        steps=args.steps or (5 if small else 150),
+        workers=min(4, mnist.usable_cpus() - 1),  # cifar10_lightning.py's default
+        mnist_images=2_000 if small else 55_000,
+        tmp=Path(tempfile.mkdtemp(prefix="benchmark-logs-")),  # the Trainers' logs are not results
+    )
+    skip = set(args.skip) | ({"compile", "fsdp"} if small else set())
+    if device.type != "cuda":
+        skip.add("fsdp")
+    n_images = 2_000 if small else 50_000
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n_images,))
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.benchmark = True
+
+    results = []
+
+    def record(group, name, value, unit="images/s"):
+        results.append({"group": group, "name": name, "value": round(value, 3 if unit == "s" else 0), "unit": unit})
+        print(f"{group:<10} {name:<46} {value:>12,.{3 if unit == 's' else 0}f} {unit}", flush=True)
+
+    bf16 = "bf16-mixed" if device.type == "cuda" else "32-true"
+    record("reference", "plain loop, data on device, bf16" if device.type == "cuda" else "plain loop, fp32",
+           plain_cifar_loop(cfg, images, labels, "bf16" if device.type == "cuda" else "fp32"))
+    if device.type == "cuda":
+        record("precision", "plain loop, fp32 (TF32 matmuls)", plain_cifar_loop(cfg, images, labels, "fp32"))
+    record("lightning", "script path (progress bar every 10 steps)",
+           lightning_cifar(cfg, images, labels, bf16, progress=10))
+    record("lightning", "no progress bar", lightning_cifar(cfg, images, labels, bf16))
+    record("lightning", "progress bar every step (Lightning default)",
+           lightning_cifar(cfg, images, labels, bf16, progress=1))
+    record("lightning", "no progress bar, no logger", lightning_cifar(cfg, images, labels, bf16, logger=False))
+    record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
+    if "fsdp" not in skip:
+        for wrap in ("none", "block", "size"):
+            record("strategy", f"FSDP on one device, wrap policy {wrap}",
+                   lightning_cifar(cfg, images, labels, bf16, strategy="fsdp", wrap=wrap))
+    record("data", "script's DataLoader alone (uint8, no training)", loader_alone(cfg, images, labels))
+    if "classic" not in skip:
+        for workers in sorted({min(w, mnist.usable_cpus()) for w in ((0,) if small else (4, 8, 15))}):
+            record("data", f"classic PIL pipeline alone, {workers} workers",
+                   classic_pipeline(cfg, images, labels, workers))
+    if "compile" not in skip:
+        start = time.perf_counter()
+        record("compile", "script path + --compile", lightning_cifar(cfg, images, labels, bf16, progress=10,
+                                                                      compile_mode="default"))
+        record("compile", "script path + --compile: warm-up incl. compiling", time.perf_counter() - start, "s")
+        record("compile", "plain loop + torch.compile", plain_cifar_loop(cfg, images, labels, "bf16", "default"))
+    if "mnist" not in skip:
+        record("mnist", "plain loop over tensors on the device, one epoch", mnist_epoch_seconds(cfg, False), "s")
+        record("mnist", "mnist_lightning.py path, one epoch", mnist_epoch_seconds(cfg, True), "s")
+        record("mnist", "mnist_lightning.py path, no loader workers", mnist_epoch_seconds(cfg, True, 0), "s")
+
+    value = {r["name"]: r["value"] for r in results}
+    ref = results[0]["value"]
+    ratios = {
+        "lightning_script_vs_plain": value["script path (progress bar every 10 steps)"] / ref,
+        "lightning_no_bar_vs_plain": value["no progress bar"] / ref,
+    }
+    if "mnist" not in skip:
+        ratios["mnist_lightning_epoch_vs_plain"] = (value["mnist_lightning.py path, one epoch"]
+                                                    / value["plain loop over tensors on the device, one epoch"])
+    for name, ratio in ratios.items():
+        print(f"ratio      {name:<46} {ratio:>12.2f}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(device), "config": {"model": cfg.model, "batch_size": cfg.batch,
+              "timed_steps": cfg.steps, "warmup_steps": cfg.warmup, "workers": cfg.workers},
+              "results": results, "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["group", "run", "value", "unit"])
+        writer.writerows([r["group"], r["name"], f"{r['value']:,.{3 if r['unit'] == 's' else 0}f}", r["unit"]]
+                         for r in results)
+    plot(report, out / "results.svg")
+    print(f"wrote {out / 'results.json'}, results.csv and results.svg")
+
+
+def plot(report, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    rows = [r for r in report["results"] if r["unit"] == "images/s"]
+    fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.2))
+    colours = {"reference": "#444444", "precision": "#8c6d31", "lightning": "#3b6ea5", "strategy": "#b5533c",
+               "data": "#6b8e23", "compile": "#7b4ea3"}
+    ax.barh([r["name"] for r in rows], [r["value"] for r in rows], color=[colours.get(r["group"], "grey") for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("training images per second (higher is better)")
+    env = report["environment"]
+    ax.set_title(f"{report['config']['model']}, batch {report['config']['batch_size']} — {env['device']}, "
+                 f"torch {env['torch']}, Lightning {env['lightning']}", fontsize=9)
+    for bar, r in zip(ax.patches, rows):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['value']:,.0f}", va="center", fontsize=8)
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
