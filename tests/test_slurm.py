@@ -1,0 +1,311 @@
+"""The job templates in slurm/, submitted with the real sbatch to a real (throwaway) cluster.
+
+The cluster is two virtual nodes, n1 and n2, on this machine; start it as root with
+
+    tests/slurm_cluster.sh start
+
+(.ci/run does that). Where sbatch is missing or no cluster answers, the tests that need one
+are skipped with the reason. The jobs train on the CPU and tiny data: the templates' GPU
+request is overridden on the sbatch command line (--gpus-per-node=0) and --accelerator cpu
+is appended to the script's flags, exactly as a user may override any template line.
+"""
+
+import csv
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import metrics_files
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
+GPU_TEMPLATES = [t for t in TEMPLATES if "--gpus-per-node=" in t.read_text()]
+
+# The tiny MNIST of conftest: 600 training images, 1/12 held out for validation.
+MNIST_TRAIN = 600 - 600 // 12
+# The tiny CIFAR-10: 5 x 100 training images, 1/10 held out; full batches only (drop_last).
+CIFAR_TRAIN = 500 - 500 // 10
+
+# Templates ask for GPUs and many cores; on this 2-core machine each task gets one core.
+ON_TEST_CLUSTER = ("--gpus-per-node=0", "--cpus-per-task=1")
+RANK_LINE = re.compile(r"rank (\d+)/(\d+) \(local rank (\d+)\) on (\S+) uses (\S+)")
+
+
+def template(name: str) -> Path:
+    path = REPO / "slurm" / name
+    assert path.is_file(), f"no template {path}"
+    return path
+
+
+# ------------------------------------------------------------------------ the cluster
+
+def _cluster_problem() -> str | None:
+    """Why the SLURM tests cannot run here, or None when a cluster answers."""
+    if shutil.which("sbatch") is None:
+        return ("sbatch is not installed; to run these tests: apt-get install slurm-wlm munge, "
+                "then (as root) tests/slurm_cluster.sh start")
+    try:
+        nodes = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"],
+                               capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "sinfo got no answer within 30 s; start the test cluster: tests/slurm_cluster.sh start"
+    if nodes.returncode != 0:
+        why = (nodes.stderr.strip().splitlines() or ["no message"])[-1][:200]
+        return f"no SLURM cluster answers (sinfo: {why}); start one: tests/slurm_cluster.sh start"
+    ready = {line.split()[0] for line in nodes.stdout.splitlines() if line.split()[-1] in ("idle", "mix", "alloc")}
+    if not {"n1", "n2"} <= ready:
+        return f"the test nodes n1 and n2 are not both up (sinfo: {nodes.stdout.strip()!r})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.fixture(scope="module")
+def job_env(tmp_path_factory) -> dict:
+    """The environment sbatch passes on to the job: `python` is the interpreter running the tests."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    wrapper = bin_dir / "python"
+    # A wrapper, not a symlink: a virtual environment is only found through its real path.
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    for name in ("DATA_DIR", "STAGE_DATA", "LOCAL_DISK"):
+        env.pop(name, None)  # only what a test sets itself
+    return env
+
+
+def sbatch(tmp_path: Path, env: dict, name: str, *script_args, opts=(), wait=True, timeout=150):
+    """Submit slurm/<name> from the repository root, as a user does; return (job id, result).
+
+    The job's log goes to tmp_path; opts are sbatch options, script_args go after the template.
+    """
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), f"--output={tmp_path}/%x-%j.out",
+           *opts, str(template(name)), *map(str, script_args)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    match = re.match(r"(\d+)", result.stdout)
+    assert match, f"sbatch gave no job id:\n{result.stdout}\n{result.stderr}"
+    return match.group(1), result
+
+
+def job_log(tmp_path: Path, job_id: str) -> str:
+    logs = list(tmp_path.glob(f"*-{job_id}.out"))
+    assert logs, f"no log of job {job_id} in {tmp_path}"
+    return logs[0].read_text(errors="replace")
+
+
+def job_fields(job_id: str) -> dict:
+    """scontrol's view of a job (no accounting is configured, so no sacct)."""
+    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id],
+                         capture_output=True, text=True, timeout=30).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def poll(what: str, condition, timeout: float, interval: float = 0.5):
+    """Wait until condition() is true; fail with `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def finished_steps(log: str) -> int:
+    match = re.search(r"finished after (\d+) training steps", log)
+    assert match, f"no 'finished after' line in the job log:\n{log[-3000:]}"
+    return int(match.group(1))
+
+
+# ----------------------------------------------------------- static: no cluster needed
+
+def test_there_is_one_template_per_mode():
+    assert {t.name for t in TEMPLATES} == {
+        "mnist-cpu-ddp.sbatch", "mnist-gpu.sbatch",
+        "cifar10-ddp.sbatch", "cifar10-ddp-multinode.sbatch", "cifar10-fsdp.sbatch",
+    }
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
+def test_template_has_the_lines_that_make_requeue_and_resources_work(path):
+    text = path.read_text()
+    directives = re.findall(r"^#SBATCH (--[\w-]+)", text, flags=re.M)
+    for option in ("--job-name", "--nodes", "--ntasks-per-node", "--cpus-per-task", "--mem", "--time",
+                   "--output", "--open-mode", "--signal", "--requeue"):
+        assert option in directives, f"{path.name}: no #SBATCH {option}"
+    assert "#SBATCH --output=%x-%j.out" in text
+    assert "#SBATCH --open-mode=append" in text
+    # No B: prefix: the signal must reach the Python processes, not the batch shell.
+    assert re.search(r"^#SBATCH --signal=SIGUSR1@90\b", text, flags=re.M)
+    # Per-task GPU binding breaks the device numbering that Lightning relies on.
+    assert "--gpus-per-task" not in text and "--gpu-bind" not in text
+    # Account and partition only as switched-off examples: no cluster is hard-coded.
+    assert not re.search(r"^#SBATCH --(account|partition|reservation)", text, flags=re.M)
+    assert text.count("==== Site-specific lines") == 1
+    assert "set -euo pipefail" in text
+    assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text
+    assert "export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK" in text
+    # The launch: srun, unbuffered Python, sizes from the allocation, resume, the user's flags.
+    launch = text[text.index("srun --kill-on-bad-exit"):]
+    assert re.search(r"python -u examples/\w+\.py", launch)
+    for piece in ('--devices "$SLURM_NTASKS_PER_NODE"', '--num-nodes "$SLURM_JOB_NUM_NODES"',
+                  "--resume", '--output-dir "$OUTPUT_DIR"', '"$@"'):
+        assert piece in launch, f"{path.name}: the srun line lacks {piece}"
+    assert "$SLURM_JOB_ID" in text.split("OUTPUT_DIR=", 1)[1].splitlines()[0]
+
+
+def test_templates_pass_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", *map(str, TEMPLATES), str(REPO / "tests" / "slurm_cluster.sh")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("path", GPU_TEMPLATES, ids=lambda p: p.name)
+def test_gpu_template_refuses_more_tasks_than_gpus(path):
+    # The check runs before anything is launched, so plain bash can show it.
+    env = {**os.environ, "SLURM_GPUS_PER_NODE": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_SUBMIT_DIR": str(REPO)}
+    result = subprocess.run(["bash", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "error: --gpus-per-node=2 but --ntasks-per-node=4; make them equal" in result.stderr
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
+def test_template_submitted_from_elsewhere_says_where_to_submit_from(path, tmp_path):
+    env = {**os.environ, "SLURM_SUBMIT_DIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"error: submit from the repository root; {tmp_path} has no examples/" in result.stderr
+
+
+# ------------------------------------------------------------- under the real sbatch
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
+def test_sbatch_accepts_template(cluster, path):
+    # --test-only: parse every #SBATCH line and find room on a 32-core node, start nothing.
+    # No GPUs exist here, so that one request is overridden; all other lines are checked as written.
+    result = subprocess.run(["sbatch", "--test-only", "--gpus-per-node=0", str(path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "to start at" in result.stderr
+
+
+def test_cpu_template_trains_with_two_ranks_on_one_node(cluster, job_env, mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    env = {**job_env, "DATA_DIR": str(mnist_dir)}
+    job, result = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
+                         "--max-epochs", 1, "--batch-size", 32, "--output-dir", out,
+                         opts=["--cpus-per-task=1"])
+    log = job_log(tmp_path, job)
+    assert result.returncode == 0, log[-3000:]
+    ranks = {m.groups() for m in RANK_LINE.finditer(log)}
+    assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "1", "n1", "cpu")}
+    # Each rank trains on its half of the data.
+    assert finished_steps(log) == math.ceil(MNIST_TRAIN / 2 / 32)
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert job_fields(job)["JobState"] == "COMPLETED"
+
+
+def test_multinode_template_runs_one_rank_on_each_node(cluster, job_env, cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    local_disk = tmp_path / "node-local"
+    env = {**job_env, "DATA_DIR": str(cifar_dir), "STAGE_DATA": "1", "LOCAL_DISK": str(local_disk)}
+    job, result = sbatch(tmp_path, env, "cifar10-ddp-multinode.sbatch",
+                         "--accelerator", "cpu", "--model", "cnn", "--max-epochs", 1, "--batch-size", 32,
+                         "--output-dir", out,
+                         opts=[*ON_TEST_CLUSTER, "--ntasks-per-node=1"])
+    log = job_log(tmp_path, job)
+    assert result.returncode == 0, log[-3000:]
+    # Global ranks 0 and 1, each local rank 0 of its own node: DDP across two nodes.
+    ranks = {m.groups() for m in RANK_LINE.finditer(log)}
+    assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "0", "n2", "cpu")}
+    assert finished_steps(log) == CIFAR_TRAIN // 2 // 32
+    # The data set was copied once per node, and the job read that copy.
+    staged = local_disk / f"{job_fields(job)['UserId'].split('(')[0]}-{job}"
+    assert f"data staged to {staged / 'cifar-10-batches-py'} on n1" in log
+    assert f"data staged to {staged / 'cifar-10-batches-py'} on n2" in log
+    assert (staged / "cifar-10-batches-py" / "data_batch_1").is_file()
+
+
+@pytest.mark.parametrize(
+    "opts, script_args, expected",
+    [
+        (["--ntasks=1"], [], "SLURM started 1 tasks but --devices 2 x --num-nodes 1 = 2"),
+        ([], ["--devices", "1"], "SLURM started 2 tasks but --devices 1 x --num-nodes 1 = 1"),
+    ],
+    ids=["sbatch-ntasks-1", "script-devices-1"],
+)
+def test_task_count_that_does_not_match_devices_stops_with_one_clear_line(
+        cluster, job_env, mnist_dir, tmp_path, opts, script_args, expected):
+    env = {**job_env, "DATA_DIR": str(mnist_dir)}
+    job, result = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch", *script_args,
+                         "--output-dir", tmp_path / "run", opts=["--cpus-per-task=1", *opts])
+    log = job_log(tmp_path, job)
+    assert result.returncode != 0
+    assert job_fields(job)["JobState"] == "FAILED"
+    assert expected in log, log[-3000:]
+    assert "Traceback" not in log
+    assert "finished after" not in log
+
+
+def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluster, job_env, mnist_dir, tmp_path):
+    # One task: Lightning 2.6 saves the requeue checkpoint inside the signal handler, and
+    # with several ranks that save can meet another rank's gradient exchange and hang
+    # (Lightning issue #21406). One rank shows what the template is responsible for.
+    out = tmp_path / "run"
+    epochs, batch = 20, 8
+    env = {**job_env, "DATA_DIR": str(mnist_dir)}
+    job, result = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
+                         "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
+                         opts=["--cpus-per-task=1", "--ntasks-per-node=1"], wait=False)
+    assert result.returncode == 0, result.stderr
+    try:
+        # The first epoch's checkpoint: training is under way and the signal handlers are set.
+        poll("the first epoch's checkpoint", (out / "checkpoints" / "last.ckpt").exists, timeout=90)
+        assert job_fields(job)["JobState"] == "RUNNING"
+        # What Slurm sends 90 s before the time limit, sent now by hand.
+        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+        poll("the job to be requeued",
+             lambda: job_fields(job).get("Restarts") == "1" and job_fields(job)["JobState"] == "PENDING",
+             timeout=60)
+        # A requeued job may not start for about two minutes; let it start now.
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+        poll("the requeued job to finish",
+             lambda: job_fields(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+             timeout=120)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+    log = job_log(tmp_path, job)
+    fields = job_fields(job)
+    assert fields["JobState"] == "COMPLETED", log[-3000:]
+    assert fields["Restarts"] == "1"
+    # The first run saved a checkpoint and requeued the job itself; the second run, whose
+    # output was appended to the same log, restored that checkpoint.
+    assert (out / "hpc_ckpt_1.ckpt").is_file()
+    assert f"Requeued SLURM job: {job}" in log
+    assert f"Restoring states from the checkpoint path at {out / 'hpc_ckpt_1.ckpt'}" in log
+    # It finished with exactly the planned number of steps, no more, no fewer.
+    planned = epochs * math.ceil(MNIST_TRAIN / batch)
+    assert finished_steps(log) == planned
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == planned
+    # Two runs, two metrics files; the second one's steps carry on instead of restarting at 0.
+    versions = metrics_files(out)
+    assert [p.parent.name for p in versions] == ["version_0", "version_1"]
+    with open(versions[1], newline="") as f:
+        second_run_steps = [int(row["step"]) for row in csv.DictReader(f)]
+    assert second_run_steps and second_run_steps[0] > 0
+    assert second_run_steps == sorted(second_run_steps)
