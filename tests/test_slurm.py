@@ -87,17 +87,28 @@ def job_env(tmp_path_factory) -> dict:
     return env
 
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
 def sbatch(tmp_path: Path, env: dict, name: str, *script_args, opts=(), wait=True, timeout=150):
-    """Submit slurm/<name> from the repository root, as a user does; return (job id, result).
+    """Submit slurm/<name> from the repository root, as a user does; return (job id, job fields).
 
     The job's log goes to tmp_path; opts are sbatch options, script_args go after the template.
+    With wait, poll until the job has ended. (`sbatch --wait` would do, but it checks after 2,
+    10, 42 and 170 s, which makes a 12-second job take 42.)
     """
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), f"--output={tmp_path}/%x-%j.out",
-           *opts, str(template(name)), *map(str, script_args)]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = ["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", *opts, str(template(name)),
+           *map(str, script_args)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     match = re.match(r"(\d+)", result.stdout)
-    assert match, f"sbatch gave no job id:\n{result.stdout}\n{result.stderr}"
-    return match.group(1), result
+    assert result.returncode == 0 and match, f"sbatch failed:\n{result.stdout}\n{result.stderr}"
+    job = match.group(1)
+    if wait:
+        try:
+            poll(f"job {job} to end", lambda: job_fields(job).get("JobState") in FINAL_STATES, timeout)
+        finally:
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)  # no-op once ended
+    return job, job_fields(job)
 
 
 def job_log(tmp_path: Path, job_id: str) -> str:
@@ -205,35 +216,34 @@ def test_sbatch_accepts_template(cluster, path):
 def test_cpu_template_trains_with_two_ranks_on_one_node(cluster, job_env, mnist_dir, tmp_path):
     out = tmp_path / "run"
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
-    job, result = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
+    job, fields = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
                          "--max-epochs", 1, "--batch-size", 32, "--output-dir", out,
                          opts=["--cpus-per-task=1"])
     log = job_log(tmp_path, job)
-    assert result.returncode == 0, log[-3000:]
+    assert fields["JobState"] == "COMPLETED", log[-3000:]
     ranks = {m.groups() for m in RANK_LINE.finditer(log)}
     assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "1", "n1", "cpu")}
     # Each rank trains on its half of the data.
     assert finished_steps(log) == math.ceil(MNIST_TRAIN / 2 / 32)
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    assert job_fields(job)["JobState"] == "COMPLETED"
 
 
 def test_multinode_template_runs_one_rank_on_each_node(cluster, job_env, cifar_dir, tmp_path):
     out = tmp_path / "run"
     local_disk = tmp_path / "node-local"
     env = {**job_env, "DATA_DIR": str(cifar_dir), "STAGE_DATA": "1", "LOCAL_DISK": str(local_disk)}
-    job, result = sbatch(tmp_path, env, "cifar10-ddp-multinode.sbatch",
+    job, fields = sbatch(tmp_path, env, "cifar10-ddp-multinode.sbatch",
                          "--accelerator", "cpu", "--model", "cnn", "--max-epochs", 1, "--batch-size", 32,
                          "--output-dir", out,
                          opts=[*ON_TEST_CLUSTER, "--ntasks-per-node=1"])
     log = job_log(tmp_path, job)
-    assert result.returncode == 0, log[-3000:]
+    assert fields["JobState"] == "COMPLETED", log[-3000:]
     # Global ranks 0 and 1, each local rank 0 of its own node: DDP across two nodes.
     ranks = {m.groups() for m in RANK_LINE.finditer(log)}
     assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "0", "n2", "cpu")}
     assert finished_steps(log) == CIFAR_TRAIN // 2 // 32
     # The data set was copied once per node, and the job read that copy.
-    staged = local_disk / f"{job_fields(job)['UserId'].split('(')[0]}-{job}"
+    staged = local_disk / f"{fields['UserId'].split('(')[0]}-{job}"
     assert f"data staged to {staged / 'cifar-10-batches-py'} on n1" in log
     assert f"data staged to {staged / 'cifar-10-batches-py'} on n2" in log
     assert (staged / "cifar-10-batches-py" / "data_batch_1").is_file()
@@ -250,11 +260,11 @@ def test_multinode_template_runs_one_rank_on_each_node(cluster, job_env, cifar_d
 def test_task_count_that_does_not_match_devices_stops_with_one_clear_line(
         cluster, job_env, mnist_dir, tmp_path, opts, script_args, expected):
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
-    job, result = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch", *script_args,
+    job, fields = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch", *script_args,
                          "--output-dir", tmp_path / "run", opts=["--cpus-per-task=1", *opts])
     log = job_log(tmp_path, job)
-    assert result.returncode != 0
-    assert job_fields(job)["JobState"] == "FAILED"
+    assert fields["JobState"] == "FAILED"
+    assert fields["ExitCode"] != "0:0"
     assert expected in log, log[-3000:]
     assert "Traceback" not in log
     assert "finished after" not in log
@@ -267,10 +277,9 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
     out = tmp_path / "run"
     epochs, batch = 20, 8
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
-    job, result = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
-                         "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
-                         opts=["--cpus-per-task=1", "--ntasks-per-node=1"], wait=False)
-    assert result.returncode == 0, result.stderr
+    job, _ = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
+                    "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
+                    opts=["--cpus-per-task=1", "--ntasks-per-node=1"], wait=False)
     try:
         # The first epoch's checkpoint: training is under way and the signal handlers are set.
         poll("the first epoch's checkpoint", (out / "checkpoints" / "last.ckpt").exists, timeout=90)
