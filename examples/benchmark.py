@@ -96,6 +96,22 @@ class SyntheticCIFAR10(cifar.CIFAR10DataModule):
         self.train_set = TensorDataset(self.images, self.labels)
 
 
+class ResidentCIFAR10(SyntheticCIFAR10):
+    """For comparison only: the images live on the GPU and the loader deals out indices,
+    so this measures Lightning's own overhead with no input pipeline at all."""
+
+    def setup(self, stage):
+        self.train_set = TensorDataset(torch.arange(len(self.labels)))
+        self.on_device = None
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        (idx,) = batch
+        if self.on_device is None:
+            self.on_device = self.images.to(idx.device), self.labels.to(idx.device)
+        images, labels = self.on_device
+        return cifar.random_crop_flip(images[idx]), labels[idx]
+
+
 class Throughput(Callback):
     """Times training steps warmup .. warmup+steps, waiting for the GPU at both ends only."""
 
@@ -120,14 +136,14 @@ class Throughput(Callback):
 
 
 def lightning_cifar(cfg, images, labels, precision="bf16-mixed", strategy="auto", progress=None,
-                    logger=True, compile_mode=None, wrap="block", num_workers=None) -> float:
+                    logger=True, compile_mode=None, wrap="block", num_workers=None, resident=False) -> float:
     """The script's LightningModule and data module under a Trainer, as cifar10_lightning.py builds it."""
     L.seed_everything(0, verbose=False)
     model = cifar.LitClassifier(cfg.model, lr=0.05)
     if compile_mode:
         model.net.compile(mode=compile_mode)
     workers = cfg.workers if num_workers is None else num_workers
-    data = SyntheticCIFAR10(images, labels, cfg.batch, workers)
+    data = (ResidentCIFAR10 if resident else SyntheticCIFAR10)(images, labels, cfg.batch, 0 if resident else workers)
     timer = Throughput(cfg.warmup, cfg.batch)
     callbacks = [timer] + ([TQDMProgressBar(refresh_rate=progress)] if progress else [])
     if strategy == "fsdp":
@@ -150,7 +166,11 @@ def loader_alone(cfg, images, labels) -> float:
     loader = DataLoader(TensorDataset(images, labels), batch_size=cfg.batch, shuffle=True, drop_last=True,
                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                         pin_memory=cfg.device.type == "cuda")
-    batches = iter(loader)
+    def endless():
+        while True:  # more steps than one epoch holds: start another epoch
+            yield from loader
+
+    batches = endless()
     for _ in range(min(cfg.warmup, 5)):
         next(batches)
     start, n = time.perf_counter(), 0
@@ -267,7 +287,7 @@ def main(argv=None):
                         help="default: resnet18, or cnn with --small")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 512, or 32 with --small")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 150, or 5 with --small)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "fsdp", "classic", "mnist"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "plain-compile", "fsdp", "classic", "mnist"],
                         help="leave out slow groups")
     parser.add_argument("--out", default="benchmark-results", help="folder for results.json/.csv/.svg")
     args = parser.parse_args(argv)
@@ -311,6 +331,8 @@ def main(argv=None):
     record("lightning", "progress bar every step (Lightning default)",
            lightning_cifar(cfg, images, labels, bf16, progress=1))
     record("lightning", "no progress bar, no logger", lightning_cifar(cfg, images, labels, bf16, logger=False))
+    record("lightning", "data already on the device (no input pipeline)",
+           lightning_cifar(cfg, images, labels, bf16, progress=10, resident=True))
     record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
     if "fsdp" not in skip:
         for wrap in ("none", "block", "size"):
@@ -326,6 +348,7 @@ def main(argv=None):
         record("compile", "script path + --compile", lightning_cifar(cfg, images, labels, bf16, progress=10,
                                                                       compile_mode="default"))
         record("compile", "script path + --compile: warm-up incl. compiling", time.perf_counter() - start, "s")
+    if not {"compile", "plain-compile"} & skip:
         record("compile", "plain loop + torch.compile", plain_cifar_loop(cfg, images, labels, "bf16", "default"))
     if "mnist" not in skip:
         record("mnist", "plain loop over tensors on the device, one epoch", mnist_epoch_seconds(cfg, False), "s")
@@ -337,6 +360,8 @@ def main(argv=None):
     ratios = {
         "lightning_script_vs_plain": value["script path (progress bar every 10 steps)"] / ref,
         "lightning_no_bar_vs_plain": value["no progress bar"] / ref,
+        "script_path_vs_data_on_device": value["script path (progress bar every 10 steps)"]
+        / value["data already on the device (no input pipeline)"],
     }
     if "mnist" not in skip:
         ratios["mnist_lightning_epoch_vs_plain"] = (value["mnist_lightning.py path, one epoch"]

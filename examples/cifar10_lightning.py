@@ -184,8 +184,8 @@ class LitClassifier(L.LightningModule):
         self.net = self.net.to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1), persistent=False)
-        self.val_acc = MulticlassAccuracy(num_classes=10)
-        self.test_acc = MulticlassAccuracy(num_classes=10)
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std  # uint8 in, normalised float out
