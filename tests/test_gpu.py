@@ -52,10 +52,10 @@ def test_fsdp_sharded_checkpoint_with_activation_checkpointing_resumes(cifar_dir
     assert f"finished after {steps} training steps" in again.stdout  # nothing left to train
 
 
-def test_bf16_compiled_resnet_trains_on_one_gpu(cifar_dir, tmp_path):
+def test_bf16_compiled_cnn_trains_on_one_gpu(cifar_dir, tmp_path):
     out = tmp_path / "compiled"
     result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", out, *TINY,
-                        "--model", "resnet18", "--compile", timeout=600)
+                        "--model", "cnn", "--compile", timeout=600)
     assert_trained_and_tested(result, out)
     assert "bf16" in result.stdout + result.stderr  # bf16-mixed is the GPU default
 
