@@ -1,0 +1,65 @@
+"""The setup check, run as a learner runs it before the workshop."""
+
+import os
+
+from conftest import run_script, write_tiny_cifar10, write_tiny_mnist
+
+# Hide any real SLURM job the tests might run in: the script treats empty as unset.
+NO_SLURM = {name: "" for name in os.environ if name.startswith("SLURM_")}
+
+
+def test_ready_when_both_datasets_are_present(tmp_path):
+    data = write_tiny_cifar10(write_tiny_mnist(tmp_path / "data"))
+    result = run_script("check_setup.py", "--data-dir", data, env=NO_SLURM)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"ok       MNIST in {data / 'MNIST' / 'raw'}" in result.stdout
+    assert f"ok       CIFAR-10 in {data / 'cifar-10-batches-py'}" in result.stdout
+    # Versions are read and checked against requirements.txt next to examples/.
+    for package in ("torch", "torchvision", "lightning", "torchmetrics"):
+        assert f"ok       {package} " in result.stdout
+    assert "(supported: >=" in result.stdout
+    assert "Ready for the lesson." in result.stdout
+    assert "PROBLEM" not in result.stdout
+
+
+def test_missing_data_fails_and_prints_the_download_command(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_script("check_setup.py", "--data-dir", empty, env=NO_SLURM)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "PROBLEM  MNIST is not in" in result.stdout
+    assert "PROBLEM  CIFAR-10 is not in" in result.stdout
+    # The fix is the exact command, runnable from where the learner is (the repo root).
+    assert f"python examples/mnist_lightning.py --data-dir {empty} --download-only" in result.stdout
+    assert f"python examples/cifar10_lightning.py --data-dir {empty} --download-only" in result.stdout
+    assert "2 problem(s) found" in result.stdout
+
+
+def test_slurm_job_with_more_tasks_than_gpus_is_a_problem(tmp_path):
+    data = write_tiny_cifar10(write_tiny_mnist(tmp_path / "data"))
+    job = {**NO_SLURM, "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NTASKS_PER_NODE": "4", "SLURM_GPUS_ON_NODE": "2"}
+    result = run_script("check_setup.py", "--data-dir", data, env=job)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "job 4242 (train): 1 node(s), 4 task(s) per node, 2 GPU(s) per node" in result.stdout
+    assert "PROBLEM  4 task(s) per node but 2 GPU(s) per node" in result.stdout
+    assert "--ntasks-per-node=2" in result.stdout
+    assert "PROBLEM  no --cpus-per-task" in result.stdout
+
+
+def test_slurm_job_named_interactive_gets_a_note_not_a_failure(tmp_path):
+    data = write_tiny_cifar10(write_tiny_mnist(tmp_path / "data"))
+    job = {**NO_SLURM, "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "interactive", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "2"}
+    result = run_script("check_setup.py", "--data-dir", data, env=job)
+    assert "Lightning ignores SLURM in a job named 'interactive'" in result.stdout
+    assert "--job-name=" in result.stdout
+    # Without a GPU job layout to get wrong, nothing else is amiss (a GPU machine has no
+    # SLURM_GPUS_* here, and one task per visible GPU is not required for this job name).
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_help_documents_the_data_dir_flag():
+    result = run_script("check_setup.py", "--help")
+    assert result.returncode == 0
+    assert "--data-dir" in result.stdout and "default: data" in result.stdout
