@@ -1,0 +1,343 @@
+"""Pages, scripts and job templates stay in step.
+
+- every file a page points at exists (includes, downloads, figures, csv tables);
+- every script and template is offered on some page (a download or an include);
+- every flag a page or a template passes to a script is one that script accepts;
+- every include that selects a part of a file (markers, :pyobject:) selects some code.
+
+Each rule is a function of the repository's root folder that returns a list of problems,
+so the last tests can run it on a broken copy and see it catch the breakage.
+"""
+
+import argparse
+import functools
+import importlib.util
+import re
+import shlex
+import shutil
+from pathlib import Path
+from unittest import mock
+
+from sphinx.config import Config
+from sphinx.directives.code import LiteralIncludeReader
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ("examples", "slurm")  # the folders whose files learners download
+
+# ```{name} argument  or  :::{name} argument, then :option: value lines.
+DIRECTIVE = re.compile(r"^\s*(?:`{3,}|~{3,}|:{3,})\{([\w-]+)\}\s*(.*?)\s*$")
+OPTION = re.compile(r"^\s*:([\w-]+):\s*(.*?)\s*$")
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*(\S*)")  # the info string: console, {literalinclude}, ...
+DOWNLOAD = re.compile(r"\{download\}`(?:[^`<]*<([^>`]+)>|([^`]+))`")
+MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)")
+INLINE_CODE = re.compile(r"`([^`]+)`")
+# python examples/x.py ..., python -u x.py ...; the script must be one of ours to be checked.
+PYTHON_COMMAND = re.compile(r"(?<![\w.-])python3?\s+(?:-u\s+)?((?:[\w./-]*/)?([\w-]+\.py))\b(.*)")
+# sbatch [its own options] slurm/x.sbatch [words passed on to the script]
+SBATCH_COMMAND = re.compile(r"(?<![\w.-])sbatch\s[^#]*?((?:[\w./-]*/)?([\w.-]+\.sbatch))\b(.*)")
+SHELL_LANGUAGES = {"console", "bash", "shell", "sh"}
+
+
+def pages(root: Path) -> list[Path]:
+    return sorted((root / "content").rglob("*.md"))
+
+
+def shipped_files(root: Path) -> list[Path]:
+    return sorted(p for d in SHIPPED for p in (root / d).rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith("."))
+
+
+def where(root: Path, page: Path, line: int) -> str:
+    return f"{page.relative_to(root)}:{line}"
+
+
+def directives(page: Path):
+    """(line number, name, argument, options) of every MyST directive on the page."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if m := DIRECTIVE.match(line):
+            options = {}
+            for following in lines[number:]:
+                if not (o := OPTION.match(following)):
+                    break
+                options[o.group(1)] = o.group(2).strip("\"'")
+            yield number, m.group(1), m.group(2), options
+
+
+def resolve(root: Path, page: Path, target: str) -> Path:
+    """A path as Sphinx reads it: relative to the page, or to content/ when it starts with /."""
+    if target.startswith("/"):
+        return (root / "content" / target.lstrip("/")).resolve()
+    return (page.parent / target).resolve()
+
+
+def references(root: Path, page: Path):
+    """(line number, kind, target) of every file the page points at."""
+    for number, name, argument, options in directives(page):
+        if name == "literalinclude":
+            yield number, "literalinclude", argument
+        elif name in ("figure", "image"):
+            yield number, name, argument
+        elif name == "csv-table" and "file" in options:
+            yield number, "csv-table :file:", options["file"]
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        for m in DOWNLOAD.finditer(line):
+            yield number, "download", (m.group(1) or m.group(2)).strip()
+        for m in MARKDOWN_IMAGE.finditer(line):
+            if not re.match(r"[a-z]+://", m.group(1)):
+                yield number, "image", m.group(1)
+
+
+# ------------------------------------------------------------------ the rules
+
+def missing_references(root: Path) -> list[str]:
+    return [f"{where(root, page, number)}: {kind} {target} does not exist"
+            for page in pages(root)
+            for number, kind, target in references(root, page)
+            if not resolve(root, page, target).is_file()]
+
+
+def unreferenced_files(root: Path) -> list[str]:
+    offered = {resolve(root, page, target)
+               for page in pages(root)
+               for _, kind, target in references(root, page)
+               if kind in ("download", "literalinclude")}
+    return [f"{path.relative_to(root)} is not offered on any page (add a {{download}} link or a literalinclude)"
+            for path in shipped_files(root) if path.resolve() not in offered]
+
+
+def empty_includes(root: Path) -> list[str]:
+    """Includes that select part of a file must select some code; read as Sphinx reads them."""
+    selectors = ("pyobject", "start-after", "start-at", "end-before", "end-at", "lines")
+    problems = []
+    for page in pages(root):
+        for number, name, argument, options in directives(page):
+            chosen = {k: v for k, v in options.items() if k in selectors}
+            path = resolve(root, page, argument)
+            if name != "literalinclude" or not chosen or not path.is_file():
+                continue  # a missing file is missing_references' business
+            try:
+                text, _ = LiteralIncludeReader(str(path), chosen, Config()).read()
+            except ValueError as err:  # a marker or an object that is not in the file
+                problems.append(f"{where(root, page, number)}: {err}")
+                continue
+            if not text.strip():
+                problems.append(f"{where(root, page, number)}: {argument} with {chosen} selects no code")
+    return problems
+
+
+class _CaughtParser(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+@functools.cache
+def script_parser(path: Path) -> argparse.ArgumentParser:
+    """The parser a script builds, caught just before it parses anything.
+
+    The Lightning scripts build theirs in parse_args(argv), the others in main(argv);
+    both call parser.parse_args, which is where we take the parser and stop.
+    """
+    spec = importlib.util.spec_from_file_location(f"checked_{path.stem}_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    builds_parser = getattr(module, "parse_args", None) or module.main
+
+    def catch(parser, *args, **kwargs):
+        raise _CaughtParser(parser)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", catch):
+        try:
+            builds_parser([])
+        except _CaughtParser as caught:
+            return caught.parser
+    raise AssertionError(f"{path}: {builds_parser.__name__}([]) built no argparse parser")
+
+
+def arguments(rest: str) -> list[str]:
+    """The words after the script name, up to the end of the shell command."""
+    lexer = shlex.shlex(rest, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = []
+    try:
+        for word in lexer:
+            if set(word) <= set("();<>|&"):  # ; && || | > ... end the command
+                break
+            words.append(word)
+    except ValueError:  # an unbalanced quote in a shortened example: take what we have
+        pass
+    return words
+
+
+def flag_problems(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    problems = []
+    for i, word in enumerate(words):
+        if not word.startswith("--"):
+            continue
+        flag, _, value = word.partition("=")
+        if flag not in actions:
+            problems.append(f"{flag} is not a flag of the script")
+            continue
+        if not value and i + 1 < len(words) and actions[flag].nargs != 0:
+            value = words[i + 1]
+        # A literal value must be one of the flag's choices ($VARIABLES and <placeholders> pass).
+        choices = actions[flag].choices
+        if choices and value and not re.match(r"[$<-]|\.\.\.", value) and value not in choices:
+            problems.append(f"{flag} {value}: not one of {sorted(choices)}")
+    return problems
+
+
+def logical_lines(path: Path):
+    """(number, line) with the lines continued by a backslash joined into their first."""
+    joined, start = "", None
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        start = start or number
+        if line.endswith("\\"):
+            joined += line[:-1] + " "
+            continue
+        yield start, joined + line
+        joined, start = "", None
+
+
+def shell_commands(root: Path):
+    """(place, text) of every shell line on the pages and in the templates.
+
+    Page lines come from console/bash code blocks and from inline code; a template is
+    shell throughout.
+    """
+    for page in pages(root):
+        in_shell, fence = False, None
+        for number, line in logical_lines(page):
+            if m := FENCE.match(line):
+                if fence is None:
+                    fence, in_shell = m.group(1), m.group(2) in SHELL_LANGUAGES
+                elif m.group(1).startswith(fence) and not m.group(2):
+                    fence, in_shell = None, False
+                continue
+            if in_shell:
+                yield where(root, page, number), line
+            elif fence is None:
+                for code in INLINE_CODE.findall(line):
+                    yield where(root, page, number), code
+    for template in sorted((root / "slurm").glob("*.sbatch")):
+        for number, line in logical_lines(template):
+            yield where(root, template, number), line
+
+
+def template_script(template: Path) -> Path | None:
+    """The example script a job template starts (its python command)."""
+    text = template.read_text(encoding="utf-8") if template.is_file() else ""
+    for line in text.splitlines():
+        if (m := PYTHON_COMMAND.search(line)) and not line.lstrip().startswith("#"):
+            return template.parent.parent / "examples" / m.group(2)
+    return None
+
+
+def unknown_flags(root: Path) -> list[str]:
+    problems = []
+    for place, line in shell_commands(root):
+        if m := PYTHON_COMMAND.search(line):
+            script, rest = root / "examples" / m.group(2), m.group(3)
+            if "examples/" in m.group(1) and not script.is_file():
+                problems.append(f"{place}: {m.group(1)} does not exist")
+                continue
+        elif m := SBATCH_COMMAND.search(line):
+            # Words after the template's name are passed on to the script ("$@").
+            script, rest = template_script(root / "slurm" / m.group(2)), m.group(3)
+            if script is None:
+                problems.append(f"{place}: {m.group(1)} is not a template that starts an example script")
+                continue
+        else:
+            continue
+        if not script.is_file():
+            continue  # python some_other_tool.py: not ours to check
+        parser = script_parser(script)
+        problems += [f"{place}: {line.strip()}\n    {problem}"
+                     for problem in flag_problems(parser, arguments(rest))]
+    return problems
+
+
+# -------------------------------------------------------- the repository obeys
+
+def test_every_referenced_file_exists():
+    problems = missing_references(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_every_script_and_template_is_offered_on_a_page():
+    problems = unreferenced_files(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_commands_on_pages_and_in_templates_use_flags_the_scripts_accept():
+    problems = unknown_flags(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_partial_includes_select_some_code():
+    problems = empty_includes(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checks_see_commands_from_pages_and_templates():
+    """Guards against a regex that silently matches nothing, which would pass every rule."""
+    places = {place.split(":")[0] for place, line in shell_commands(REPO)
+              if PYTHON_COMMAND.search(line) or SBATCH_COMMAND.search(line)}
+    assert "content/setup.md" in places
+    assert any(p.startswith("slurm/") for p in places)
+    included = [d for page in pages(REPO) for d in directives(page) if d[1] == "literalinclude"]
+    assert any("pyobject" in d[3] for d in included) and any("start-after" in d[3] for d in included)
+
+
+# -------------------------------------------------- the rules catch breakage
+
+def copy_of_repo(tmp_path: Path) -> Path:
+    for folder in ("content", *SHIPPED):
+        shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+def replace_in(path: Path, old: str, new: str):
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{old!r} not in {path}; update this test"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def test_removed_file_is_reported_missing_and_unoffered(tmp_path):
+    root = copy_of_repo(tmp_path)
+    (root / "slurm" / "mnist-gpu.sbatch").unlink()
+    (root / "content" / "setup.md").write_text(
+        (root / "content" / "setup.md").read_text() + "\n{download}`gone <../examples/gone.py>`\n")
+    (root / "examples" / "extra.py").write_text("print('not on any page')\n")
+
+    missing = "\n".join(missing_references(root))
+    assert "content/slurm.md" in missing and "mnist-gpu.sbatch does not exist" in missing
+    assert "content/setup.md" in missing and "gone.py does not exist" in missing
+    assert "examples/extra.py is not offered on any page" in "\n".join(unreferenced_files(root))
+
+
+def test_renamed_flag_is_reported_on_pages_and_in_templates(tmp_path):
+    root = copy_of_repo(tmp_path)
+    # The script renames --no-progress-bar; the templates and pages still pass the old name.
+    replace_in(root / "examples" / "mnist_lightning.py", '"--no-progress-bar"', '"--quiet"')
+    # A page shows a flag the script never had, and a value outside a flag's choices.
+    with open(root / "content" / "setup.md", "a", encoding="utf-8") as page:
+        page.write("\n```console\n$ python examples/cifar10_lightning.py --epochs 3 --model resnet50\n```\n")
+
+    problems = "\n".join(unknown_flags(root))
+    assert "slurm/mnist-gpu.sbatch:" in problems and "--no-progress-bar is not a flag" in problems
+    assert "content/setup.md" in problems and "--epochs is not a flag" in problems
+    assert "--model resnet50: not one of" in problems
+
+
+def test_marker_that_moved_away_is_reported(tmp_path):
+    root = copy_of_repo(tmp_path)
+    replace_in(root / "examples" / "mnist_lightning.py", "# [docs:model]", "# [docs:network]")
+    # Markers with only a blank line between them select no code.
+    replace_in(root / "examples" / "mnist_pytorch.py", "# [/docs:model]\n", "")
+    replace_in(root / "examples" / "mnist_pytorch.py", "# [docs:model]\n", "# [docs:model]\n\n# [/docs:model]\n")
+
+    problems = "\n".join(empty_includes(root))
+    assert "start-after pattern not found: [docs:model]" in problems
+    assert "mnist_pytorch.py with {'start-after': '[docs:model]', 'end-before': '[/docs:model]'} selects no code" in problems
