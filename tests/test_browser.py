@@ -1,0 +1,307 @@
+"""What a reader sees: the built site, opened page by page in headless Chromium.
+
+Every page loads without a JavaScript error, its solutions stay folded until clicked,
+its code blocks have copy buttons, its images load and its links lead somewhere.
+
+Chromium (Debian package `chromium`, installed by .ci/run) is driven through its
+DevTools protocol over a websocket: a JSON command goes out, a JSON answer comes back,
+and events (console messages, exceptions, page loads) arrive in between. The site is
+served from a temporary build by Python's http.server, as a reader's browser would get it.
+"""
+
+import functools
+import http.server
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Chromium: apt-get install chromium (.ci/run installs it)")
+# sphinx-autobuild (in requirements.txt) brings websockets with it.
+websockets_client = pytest.importorskip(
+    "websockets.sync.client", reason="needs the websockets package (pip install websockets)")
+
+
+# ------------------------------------------------------------------ the site
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The site as a reader gets it. Warnings are test_site.py's business, not this file's."""
+    outdir = tmp_path_factory.mktemp("browser-site") / "html"
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-q", "-c", str(REPO),
+         str(REPO / "content"), str(outdir)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, f"the site does not build:\n{result.stderr[-3000:]}"
+    return outdir
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the site without logging to the terminal; remembers every error status."""
+
+    errors: list  # (path, status), set per server
+
+    def log_request(self, code="-", size="-"):
+        if isinstance(code, int) and code >= 400:
+            self.errors.append((self.path, code))
+
+    def log_message(self, *args):
+        pass
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        # The browser drops connections it no longer needs when it moves to the next page.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+@pytest.fixture(scope="module")
+def server(site):
+    handler = type("Handler", (QuietHandler,), {"errors": []})
+    httpd = QuietServer(("127.0.0.1", 0), functools.partial(handler, directory=str(site)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.errors = handler.errors
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+# -------------------------------------------------------------- the browser
+
+class DevTools:
+    """A minimal DevTools protocol client for one browser tab."""
+
+    def __init__(self, websocket):
+        self.ws = websocket
+        self.last_id = 0
+        self.events = []  # events that arrived while we waited for an answer
+
+    def call(self, method: str, **params):
+        self.last_id += 1
+        self.ws.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=30))
+            if message.get("id") == self.last_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+            self.events.append(message)
+
+    def wait_for(self, event: str, timeout: float = 15):
+        deadline = time.monotonic() + timeout
+        while not any(e.get("method") == event for e in self.events):
+            self.events.append(json.loads(self.ws.recv(timeout=max(deadline - time.monotonic(), 0.01))))
+
+    def evaluate(self, expression: str):
+        """Run JavaScript in the page and return its (JSON-able) value."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression[:60]}...: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def open(self, url: str):
+        """Load a page and wait until it and its scripts, styles and images have loaded."""
+        self.events.clear()
+        self.call("Page.navigate", url=url)
+        self.wait_for("Page.loadEventFired")
+
+    def errors(self) -> list[str]:
+        """What the console showed as errors since the page was opened.
+
+        The browser's own request for /favicon.ico does not count: the site has no icon,
+        and on GitHub Pages that request goes to the top of the domain anyway.
+        """
+        found = []
+        for event in self.events:
+            method, params = event.get("method"), event.get("params", {})
+            if method == "Runtime.exceptionThrown":
+                details = params["exceptionDetails"]
+                found.append(details.get("exception", {}).get("description") or details.get("text"))
+            elif (method == "Log.entryAdded" and params["entry"]["level"] == "error"
+                  and not params["entry"].get("url", "").endswith("/favicon.ico")):
+                found.append(f"{params['entry']['text']} {params['entry'].get('url', '')}".strip())
+            elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
+                found.append(" ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+        return found
+
+    def click(self, selector: str):
+        """A real mouse click in the middle of the element, as a reader clicks."""
+        x, y = self.evaluate(f"""(() => {{
+            const el = document.querySelector({json.dumps(selector)});
+            el.scrollIntoView({{block: "center"}});
+            const r = el.getBoundingClientRect();
+            return [r.x + r.width / 2, r.y + r.height / 2];
+        }})()""")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    log = open(profile.parent / "chromium.log", "w")
+    process = subprocess.Popen(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1280,900",
+         "about:blank"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        # With port 0 Chromium picks a free port and writes it into the profile.
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"Chromium did not start:\n{Path(log.name).read_text()[-3000:]}")
+            time.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
+            tab = next(t for t in json.load(answer) if t["type"] == "page")
+        with websockets_client.connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as websocket:
+            devtools = DevTools(websocket)
+            for domain in ("Page", "Runtime", "Log"):
+                devtools.call(f"{domain}.enable")
+            yield devtools
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+# ------------------------------------------------------------ what a page shows
+
+INSPECT = """(() => {
+    const hidden = el => getComputedStyle(el).visibility === "hidden" || el.getBoundingClientRect().height === 0;
+    return {
+        links: [...document.querySelectorAll("a[href]")]
+            .filter(a => a.origin === location.origin).map(a => a.href),
+        ids: [...document.querySelectorAll("[id]")].map(el => el.id),
+        images: document.images.length,
+        broken_images: [...document.images]
+            .filter(img => !img.complete || img.naturalWidth === 0).map(img => img.getAttribute("src")),
+        code_blocks: document.querySelectorAll("div.highlight pre").length,
+        code_without_copy_button: [...document.querySelectorAll("div.highlight pre")]
+            .filter(pre => !pre.parentElement.querySelector("button.copybtn"))
+            .map(pre => pre.textContent.slice(0, 60)),
+        solutions: document.querySelectorAll(".admonition.solution").length,
+        open_solutions: [...document.querySelectorAll(".admonition.solution")]
+            .filter(s => [...s.children].some(c => !c.classList.contains("admonition-title") && !hidden(c)))
+            .map(s => s.textContent.slice(0, 60)),
+    };
+})()"""
+
+
+def inspect(browser: DevTools, url: str) -> dict:
+    browser.open(url)
+    findings = browser.evaluate(INSPECT)
+    findings["errors"] = browser.errors()  # after evaluate: late errors have arrived too
+    return findings
+
+
+@pytest.fixture(scope="module")
+def pages(site, server, browser) -> dict:
+    """What every page of the site shows, by file name: one visit each."""
+    names = sorted(p.name for p in site.glob("*.html"))
+    assert "index.html" in names and len(names) > 5
+    return {name: inspect(browser, server.base_url + name) for name in names}
+
+
+def broken_links(links, pages: dict, base_url: str) -> list[str]:
+    """Same-site links that give an HTTP error or point at an id their page does not have."""
+    broken = []
+    for link in sorted(set(links)):
+        address, _, anchor = link.partition("#")
+        try:
+            urllib.request.urlopen(address, timeout=10).close()
+        except urllib.error.HTTPError as err:
+            broken.append(f"{link}: HTTP {err.code}")
+            continue
+        page = pages.get(address.removeprefix(base_url) or "index.html")
+        if anchor and page is not None and urllib.parse.unquote(anchor) not in page["ids"]:
+            broken.append(f"{link}: no element with id {anchor!r}")
+    return broken
+
+
+# ------------------------------------------------------------------------ tests
+
+def test_every_page_loads_without_console_errors(pages):
+    errors = {name: found["errors"] for name, found in pages.items() if found["errors"]}
+    assert not errors, json.dumps(errors, indent=2)
+
+
+def test_solutions_are_folded_until_clicked(pages, browser, server):
+    assert sum(found["solutions"] for found in pages.values()) > 0, "no solutions on any page"
+    open_at_load = {name: found["open_solutions"] for name, found in pages.items() if found["open_solutions"]}
+    assert not open_at_load, f"solutions visible before a click: {open_at_load}"
+
+    # A reader clicks the first solution's title, and it opens.
+    browser.open(server.base_url + "why-lightning.html")
+    browser.click(".admonition.solution .admonition-title")
+    for _ in range(50):
+        if browser.evaluate(INSPECT)["open_solutions"]:
+            break
+        time.sleep(0.05)
+    assert len(browser.evaluate(INSPECT)["open_solutions"]) == 1, "clicking a solution's title did not open it"
+
+
+def test_every_code_block_has_a_copy_button(pages):
+    assert sum(found["code_blocks"] for found in pages.values()) > 0, "no code blocks on any page"
+    missing = {name: found["code_without_copy_button"]
+               for name, found in pages.items() if found["code_without_copy_button"]}
+    assert not missing, json.dumps(missing, indent=2)
+
+
+def test_internal_links_and_downloads_resolve(pages, server):
+    links = [link for found in pages.values() for link in found["links"]]
+    assert any("_downloads/" in link for link in links), "no download links found"
+    broken = broken_links(links, pages, server.base_url)
+    assert not broken, "\n".join(broken)
+    # Nothing the pages loaded themselves (scripts, styles, images) was missing either.
+    assert not [e for e in server.errors if not e[0].endswith("favicon.ico")], server.errors
+
+
+def test_images_load(pages):
+    broken = {name: found["broken_images"] for name, found in pages.items() if found["broken_images"]}
+    assert not broken, json.dumps(broken, indent=2)
+
+
+def test_the_checks_catch_a_broken_page(site, server, browser):
+    """A page with a script error, a missing image, a dead link and a bare code block."""
+    selftest = site / "_selftest"
+    selftest.mkdir(exist_ok=True)
+    (selftest / "broken.html").write_text(
+        '<!doctype html><html><body>'
+        '<img src="no-such-image.png"><a href="../no-such-page.html">dead</a>'
+        '<a href="../index.html#no-such-anchor">anchor</a>'
+        '<div class="highlight"><pre>$ echo no copy button</pre></div>'
+        '<script>throw new Error("deliberate failure")</script>'
+        '</body></html>', encoding="utf-8")
+    index = inspect(browser, server.base_url + "index.html")
+    found = inspect(browser, server.base_url + "_selftest/broken.html")
+
+    assert any("deliberate failure" in e for e in found["errors"])
+    assert found["broken_images"] == ["no-such-image.png"]
+    assert found["code_without_copy_button"] == ["$ echo no copy button"]
+    broken = "\n".join(broken_links(found["links"], {"index.html": index}, server.base_url))
+    assert "no-such-page.html: HTTP 404" in broken
+    assert "no element with id 'no-such-anchor'" in broken
