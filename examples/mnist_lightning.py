@@ -12,7 +12,9 @@ Run ``python mnist_lightning.py --help`` for every flag.
 
 import argparse
 import os
+import signal
 import socket
+import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -164,6 +167,44 @@ class LitMLP(L.LightningModule):
 # [/docs:module]
 
 
+# [docs:requeue]
+class RequeueOnSignal(L.Callback):
+    """Under SLURM: when the job is warned (SIGUSR1, shortly before its time limit),
+    save a checkpoint, requeue the job and stop.
+
+    Lightning can do this itself, but it saves inside the signal handler, which can
+    run while this rank is half-way through exchanging gradients with the others:
+    with several processes that can hang (Lightning issue #21406). Here the handler
+    only raises a flag, and every few steps all ranks agree on it and act together.
+    """
+
+    def __init__(self, check_every_n_steps: int = 10):
+        self.check_every_n_steps = check_every_n_steps
+        self.signalled = False
+        self.requeued = False
+
+    def on_train_start(self, trainer, pl_module):
+        signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "signalled", True))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.check_every_n_steps:
+            return
+        # A collective: every rank calls it at the same step. True if any rank was signalled.
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        root = Path(trainer.default_root_dir)
+        n = trainer.strategy.broadcast(1 + len(list(root.glob("hpc_ckpt_*.ckpt"))))  # one name for all
+        path = root / f"hpc_ckpt_{n}.ckpt"
+        trainer.save_checkpoint(path)  # every rank takes part (FSDP gathers or writes its shard)
+        if trainer.is_global_zero:
+            job = os.environ["SLURM_JOB_ID"]
+            subprocess.run(["scontrol", "requeue", job], check=True)
+            print(f"saved {path} and requeued SLURM job {job}", flush=True)
+        self.requeued = True
+        trainer.should_stop = True
+# [/docs:requeue]
+
+
 # [docs:helpers]
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by SLURM's allocation."""
@@ -199,16 +240,19 @@ def check_slurm_tasks(devices, num_nodes: int):
 
 
 def find_resume_checkpoint(output_dir: Path):
-    """The checkpoint --resume continues from, or None."""
-    if any(output_dir.glob("hpc_ckpt_*.ckpt")):
-        # A SLURM requeue saved this; Lightning restores it by itself, but only when
-        # ckpt_path is None. Passing any path here would silently skip it.
+    """The newest checkpoint in output_dir, for --resume; None if there is none.
+
+    checkpoints/last.ckpt is written after every epoch, hpc_ckpt_N.ckpt when a SLURM job
+    was requeued: after a requeue the second is newer, after a finished epoch the first.
+    """
+    found = [p for p in [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+             if p.exists()]  # a file, or a folder for sharded FSDP checkpoints
+    if not found:
+        print(f"--resume: no checkpoint in {output_dir}, starting from scratch", flush=True)
         return None
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        return str(last)
-    print(f"--resume: no checkpoint in {output_dir}, starting from scratch", flush=True)
-    return None
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
 # [/docs:helpers]
 
 
@@ -289,12 +333,17 @@ def main(argv=None):
     # overwritten each time (what --resume continues from).
     best_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch}-{val_acc:.4f}",
                                 monitor="val_acc", mode="max")
-    last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False)
+    last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False,
+                                save_on_train_epoch_end=False)  # after validation, so never mid-epoch
     # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
     callbacks = [] if args.fast_dev_run else [best_ckpt, last_ckpt]
     if not args.no_progress_bar:
         # Redrawing the bar reads the loss back from the GPU and makes the CPU wait for it.
         callbacks.append(TQDMProgressBar(refresh_rate=10))
+    requeue = RequeueOnSignal()
+    on_slurm = SLURMEnvironment.detect()
+    if on_slurm:
+        callbacks.append(requeue)
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -310,9 +359,13 @@ def main(argv=None):
         logger=CSVLogger(output_dir, name="logs"),
         enable_progress_bar=not args.no_progress_bar,
         callbacks=callbacks,
+        # Under SLURM, RequeueOnSignal replaces Lightning's own requeue handling.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if on_slurm else None,
     )
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if requeue.requeued:
+        return  # SLURM starts the job again, and --resume continues from the checkpoint just saved
     best, last = best_ckpt.best_model_path, last_ckpt.best_model_path  # unmonitored: the newest
     # Test the best weights seen during validation (fast-dev-run saves no checkpoint).
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None)

@@ -50,7 +50,8 @@ def test_resnet18_learns_on_cpu(tmp_path):
 def test_ddp_on_cpu_splits_the_data_between_two_processes(cifar_dir, tmp_path):
     out = tmp_path / "ddp"
     result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", out, *CPU,
-                        "--devices", 2, "--strategy", "ddp", "--max-epochs", 1, "--batch-size", BATCH)
+                        "--devices", 2, "--strategy", "ddp", "--max-epochs", 1, "--batch-size", BATCH,
+                        "--data-on-device")  # the GPU default: the loader deals out indices
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0/2" in result.stdout and "rank 1/2" in result.stdout
     assert "effective batch size: 32 per device x 2 devices = 64" in result.stdout
@@ -59,7 +60,8 @@ def test_ddp_on_cpu_splits_the_data_between_two_processes(cifar_dir, tmp_path):
 
 def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_dir, tmp_path):
     out = tmp_path / "resume"
-    args = ["--data-dir", cifar_dir, "--output-dir", out, *CPU, "--batch-size", BATCH, "--max-epochs", 4]
+    args = ["--data-dir", cifar_dir, "--output-dir", out, *CPU, "--batch-size", BATCH, "--data-on-device",
+            "--max-epochs", 4]
     # Kill the run the way a time limit or a node failure would, once it has
     # written its first end-of-epoch checkpoint (Lightning writes it atomically).
     run = subprocess.Popen([sys.executable, EXAMPLES / "cifar10_lightning.py", *map(str, args)],
