@@ -414,15 +414,14 @@ def parse_args(argv=None):
     model.add_argument("--seed", type=int, default=42, help="default: %(default)s")
 
     fsdp = parser.add_argument_group("FSDP (only with --strategy fsdp)")
-    fsdp.add_argument("--wrap-policy", default="block", choices=["none", "block", "size"],
-                      help="what FSDP shards as one unit (default: %(default)s)")
-    fsdp.add_argument("--min-params", type=int, default=100_000,
-                      help="with --wrap-policy size: parameters per unit (default: %(default)s)")
-    fsdp.add_argument("--sharding", default="FULL_SHARD",
-                      choices=["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"], help="default: %(default)s")
+    fsdp.add_argument("--wrap-policy", choices=["none", "block", "size"],
+                      help="what FSDP shards as one unit (default: block)")
+    fsdp.add_argument("--min-params", type=int, help="with --wrap-policy size: parameters per unit (default: 100000)")
+    fsdp.add_argument("--sharding", choices=["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"],
+                      help="default: FULL_SHARD")
     fsdp.add_argument("--activation-checkpointing", action="store_true",
                       help="recompute block activations in the backward pass to save memory")
-    fsdp.add_argument("--checkpoint-format", default="full", choices=["full", "sharded"], help="default: %(default)s")
+    fsdp.add_argument("--checkpoint-format", choices=["full", "sharded"], help="default: full")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="runs/cifar10",
@@ -436,6 +435,15 @@ def parse_args(argv=None):
         if not args.devices.isdigit() or int(args.devices) < 1:
             parser.error(f"--devices must be 'auto' or a whole number >= 1, not {args.devices!r}")
         args.devices = int(args.devices)
+    # FSDP's flags mean nothing to other strategies: say so rather than ignore them.
+    fsdp_defaults = {"wrap_policy": "block", "min_params": 100_000, "sharding": "FULL_SHARD",
+                     "activation_checkpointing": False, "checkpoint_format": "full"}
+    given = [name for name in fsdp_defaults if getattr(args, name) not in (None, False)]
+    if given and args.strategy != "fsdp":
+        parser.error(f"--{given[0].replace('_', '-')} only applies with --strategy fsdp")
+    for name, default in fsdp_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for flag in ("num_nodes", "max_epochs", "batch_size", "min_params"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
