@@ -1,0 +1,36 @@
+"""Train the MNIST MLP of mnist_lightning.py, configured by Lightning's LightningCLI.
+
+There is no argparse code here: LightningCLI reads the arguments of Trainer,
+LitMLP and MNISTDataModule (their names, type hints and defaults) and turns each
+one into a command-line option and a key of a YAML configuration file.
+
+    python mnist_cli.py fit --config mnist_cli.yaml                   # train as the file says
+    python mnist_cli.py fit --config mnist_cli.yaml --model.lr 0.01   # change one value
+    python mnist_cli.py fit --config mnist_cli.yaml --print_config    # the full config, as YAML
+    python mnist_cli.py fit --help                                    # every option
+
+The data must already be in data_dir: python mnist_lightning.py --download-only
+LightningCLI needs jsonargparse: pip install "jsonargparse[signatures]"
+"""
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+# Keep this file next to mnist_lightning.py: the model and the data module come from there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mnist_lightning import LitMLP, MNISTDataModule  # noqa: E402
+
+
+def main(args=None):
+    try:
+        import jsonargparse  # noqa: F401  (LightningCLI builds its parser with it)
+    except ImportError:
+        sys.exit('error: LightningCLI needs jsonargparse: pip install "jsonargparse[signatures]"')
+    # The subcommand (fit, validate, test, predict) names the Trainer method to run.
+    LightningCLI(LitMLP, MNISTDataModule, seed_everything_default=42, args=args)
+
+
+if __name__ == "__main__":
+    main()
