@@ -242,7 +242,7 @@ def check_slurm_tasks(devices, num_nodes: int):
 def find_resume_checkpoint(output_dir: Path):
     """The newest checkpoint in output_dir, for --resume; None if there is none.
 
-    checkpoints/last.ckpt is written after every epoch, hpc_ckpt_N.ckpt when a SLURM job
+    checkpoints/last.ckpt is written after each validation, hpc_ckpt_N.ckpt when a SLURM job
     was requeued: after a requeue the second is newer, after a finished epoch the first.
     """
     found = [p for p in [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
