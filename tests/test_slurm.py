@@ -250,6 +250,26 @@ def test_multinode_template_runs_one_rank_on_each_node(cluster, job_env, cifar_d
 
 
 @pytest.mark.parametrize(
+    "name, data, script_args, opts",
+    [
+        ("mnist-gpu.sbatch", "mnist_dir", [], []),
+        # Two tasks instead of four: this machine has two cores; the devices follow the allocation.
+        ("cifar10-ddp.sbatch", "cifar_dir", ["--model", "cnn"], ["--ntasks-per-node=2"]),
+    ],
+)
+def test_gpu_template_runs_on_cpu_with_the_documented_overrides(
+        cluster, job_env, request, tmp_path, name, data, script_args, opts):
+    env = {**job_env, "DATA_DIR": str(request.getfixturevalue(data))}
+    job, fields = sbatch(tmp_path, env, name, "--accelerator", "cpu", *script_args,
+                         "--max-epochs", 1, "--batch-size", 32, "--output-dir", tmp_path / "run",
+                         opts=[*ON_TEST_CLUSTER, *opts])
+    log = job_log(tmp_path, job)
+    assert fields["JobState"] == "COMPLETED", log[-3000:]
+    assert finished_steps(log) > 0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
     "opts, script_args, expected",
     [
         (["--ntasks=1"], [], "SLURM started 1 tasks but --devices 2 x --num-nodes 1 = 2"),
