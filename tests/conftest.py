@@ -133,6 +133,15 @@ def run_script(name: str, *args, timeout: float = 300, env: dict | None = None) 
     )
 
 
+def finished_steps(output: str) -> int:
+    """The step count the scripts print last: 'finished after N training steps'."""
+    import re
+
+    match = re.search(r"finished after (\d+) training steps", output)
+    assert match, f"no 'finished after' line in:\n{output[-3000:]}"
+    return int(match.group(1))
+
+
 def load_example(name: str):
     """Import examples/<name>.py as a module, for unit tests of its pieces."""
     import importlib.util

@@ -1,7 +1,6 @@
 """The CIFAR-10 script on CPU and tiny learnable data, and its FSDP wrap policies."""
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -9,19 +8,14 @@ import time
 import pytest
 import torch
 
-from conftest import EXAMPLES, last_value, load_example, metrics_files, read_metrics, run_script, write_tiny_cifar10
+from conftest import (EXAMPLES, finished_steps, last_value, load_example, metrics_files, read_metrics, run_script,
+                      write_tiny_cifar10)
 
 # 5 batches of 100 tiny images, 1/10 held out for validation -> 450 to train on.
 TRAIN_IMAGES = 450
 BATCH = 32
 STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH  # the training loader drops the last partial batch
 CPU = ("--accelerator", "cpu", "--no-progress-bar")
-
-
-def finished_steps(stdout: str) -> int:
-    match = re.search(r"finished after (\d+) training steps", stdout)
-    assert match, f"no 'finished after' line in:\n{stdout[-2000:]}"
-    return int(match.group(1))
 
 
 def test_cnn_learns_on_cpu(cifar_dir, tmp_path):

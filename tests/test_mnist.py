@@ -5,19 +5,13 @@ import re
 import pytest
 import torch
 
-from conftest import last_value, load_example, metrics_files, read_metrics, run_script
+from conftest import finished_steps, last_value, load_example, metrics_files, read_metrics, run_script
 
 # 600 tiny training images, 1/12 held out for validation -> 550 to train on.
 TRAIN_IMAGES = 600 - 600 // 12
 BATCH = 32
 STEPS_PER_EPOCH = -(-TRAIN_IMAGES // BATCH)  # the last, smaller batch counts too
 CPU = ("--accelerator", "cpu")
-
-
-def finished_steps(stdout: str) -> int:
-    match = re.search(r"finished after (\d+) training steps", stdout)
-    assert match, f"no 'finished after' line in:\n{stdout[-2000:]}"
-    return int(match.group(1))
 
 
 def test_lightning_mnist_learns_and_reports_outputs(mnist_dir, tmp_path):

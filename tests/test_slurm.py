@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import metrics_files
+from conftest import finished_steps, metrics_files
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
@@ -131,12 +131,6 @@ def poll(what: str, condition, timeout: float, interval: float = 0.5):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-def finished_steps(log: str) -> int:
-    match = re.search(r"finished after (\d+) training steps", log)
-    assert match, f"no 'finished after' line in the job log:\n{log[-3000:]}"
-    return int(match.group(1))
 
 
 # ----------------------------------------------------------- static: no cluster needed
