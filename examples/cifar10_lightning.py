@@ -251,6 +251,9 @@ class LitClassifier(L.LightningModule):
                      f"and --batch-size, or start a new run in another --output-dir")
 
     def on_fit_start(self):
+        # Every process was seeded alike, so the crops and flips drawn on each device would
+        # repeat across ranks; the weights are already identical, so now give each rank its own.
+        torch.manual_seed(torch.initial_seed() + self.global_rank)
         if self.trainer.world_size > 1:
             print(
                 f"rank {self.global_rank}/{self.trainer.world_size} "

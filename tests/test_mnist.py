@@ -146,3 +146,12 @@ def test_offline_missing_data_gives_clear_message(tmp_path):
         assert_clean_error(result, f"MNIST is not in {empty}")
         if script == "mnist_lightning.py":  # it names the command that fixes it
             assert f"--data-dir {empty} --download-only" in result.stderr
+
+
+def test_worker_count_follows_the_cpus_slurm_gives_the_task(mnist_script, monkeypatch):
+    import os
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert mnist_script.usable_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # fewer CPUs than the node has
+    assert mnist_script.usable_cpus() == 1
