@@ -293,7 +293,7 @@ def build_strategy(args):
 # [docs:requeue]
 class RequeueOnSignal(L.Callback):
     """Under SLURM: when the job is warned (SIGUSR1, shortly before its time limit),
-    save a checkpoint, requeue the job and stop.
+    save a checkpoint, requeue the job and exit.
 
     Lightning can do this itself, but it saves inside the signal handler, which can
     run while this rank is half-way through exchanging gradients with the others:
@@ -304,7 +304,6 @@ class RequeueOnSignal(L.Callback):
     def __init__(self, check_every_n_steps: int = 10):
         self.check_every_n_steps = check_every_n_steps
         self.signalled = False
-        self.requeued = False
 
     def on_train_start(self, trainer, pl_module):
         signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "signalled", True))
@@ -323,8 +322,9 @@ class RequeueOnSignal(L.Callback):
             job = os.environ["SLURM_JOB_ID"]
             subprocess.run(["scontrol", "requeue", job], check=True)
             print(f"saved {path} and requeued SLURM job {job}", flush=True)
-        self.requeued = True
-        trainer.should_stop = True
+        # Leave at once, on every rank: a stop through Lightning would first validate the
+        # half epoch, which only delays the requeue (and writes another checkpoint).
+        raise SystemExit(0)
 # [/docs:requeue]
 
 
@@ -504,10 +504,9 @@ def main(argv=None):
         # Redrawing the bar reads the loss back from the GPU, which makes the CPU wait;
         # every 10 steps costs little, every step costs about a tenth of the speed.
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    requeue = RequeueOnSignal()
     on_slurm = SLURMEnvironment.detect()
     if on_slurm:
-        callbacks.append(requeue)
+        callbacks.append(RequeueOnSignal())
 
     trainer = L.Trainer(
         accelerator=args.accelerator,
@@ -533,8 +532,6 @@ def main(argv=None):
 
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    if requeue.requeued:
-        return  # SLURM starts the job again, and --resume continues from the checkpoint just saved
     best, last = best_ckpt.best_model_path, last_ckpt.best_model_path  # unmonitored: the newest
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
 

@@ -170,7 +170,7 @@ class LitMLP(L.LightningModule):
 # [docs:requeue]
 class RequeueOnSignal(L.Callback):
     """Under SLURM: when the job is warned (SIGUSR1, shortly before its time limit),
-    save a checkpoint, requeue the job and stop.
+    save a checkpoint, requeue the job and exit.
 
     Lightning can do this itself, but it saves inside the signal handler, which can
     run while this rank is half-way through exchanging gradients with the others:
@@ -181,7 +181,6 @@ class RequeueOnSignal(L.Callback):
     def __init__(self, check_every_n_steps: int = 10):
         self.check_every_n_steps = check_every_n_steps
         self.signalled = False
-        self.requeued = False
 
     def on_train_start(self, trainer, pl_module):
         signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "signalled", True))
@@ -200,8 +199,9 @@ class RequeueOnSignal(L.Callback):
             job = os.environ["SLURM_JOB_ID"]
             subprocess.run(["scontrol", "requeue", job], check=True)
             print(f"saved {path} and requeued SLURM job {job}", flush=True)
-        self.requeued = True
-        trainer.should_stop = True
+        # Leave at once, on every rank: a stop through Lightning would first validate the
+        # half epoch, which only delays the requeue (and writes another checkpoint).
+        raise SystemExit(0)
 # [/docs:requeue]
 
 
@@ -340,10 +340,9 @@ def main(argv=None):
     if not args.no_progress_bar:
         # Redrawing the bar reads the loss back from the GPU and makes the CPU wait for it.
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    requeue = RequeueOnSignal()
     on_slurm = SLURMEnvironment.detect()
     if on_slurm:
-        callbacks.append(requeue)
+        callbacks.append(RequeueOnSignal())
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
@@ -364,8 +363,6 @@ def main(argv=None):
     )
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    if requeue.requeued:
-        return  # SLURM starts the job again, and --resume continues from the checkpoint just saved
     best, last = best_ckpt.best_model_path, last_ckpt.best_model_path  # unmonitored: the newest
     # Test the best weights seen during validation (fast-dev-run saves no checkpoint).
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
