@@ -19,7 +19,6 @@ Keep it next to cifar10_lightning.py and mnist_lightning.py: it imports both.
 import argparse
 import csv
 import json
-import os
 import platform
 import sys
 import tempfile

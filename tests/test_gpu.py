@@ -17,7 +17,7 @@ def assert_trained_and_tested(result, out):
     assert "Traceback" not in result.stderr
     # The test stage loads the best checkpoint back, so a test_acc proves the round trip.
     assert "Loaded model weights from the checkpoint" in result.stdout + result.stderr
-    assert last_value(read_metrics(out), "test_acc") >= 0.0
+    last_value(read_metrics(out), "test_acc")  # fails unless the test stage logged an accuracy
     peak = re.search(r"rank 0: peak GPU memory ([\d.]+) GiB", result.stdout)
     assert peak and float(peak.group(1)) > 0
 
