@@ -235,9 +235,11 @@ class LitClassifier(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, nesterov=True,
                                     weight_decay=self.hparams.weight_decay)
-        # One-cycle: warm up for 25% of the steps, then anneal to almost zero.
+        # One-cycle: warm up for 25% of the steps (longer in a very short run: OneCycleLR
+        # fails when its warm-up is exactly one step), then anneal to almost zero.
+        total = self.trainer.estimated_stepping_batches
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=0.25
+            optimizer, max_lr=self.hparams.lr, total_steps=total, pct_start=min(0.75, max(0.25, 1.5 / total))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -144,6 +145,25 @@ def test_random_crop_flip_moves_and_mirrors_each_image_independently():
         assert matches, f"image {i} is not a crop of its input"
         kinds.add(matches[0])
     assert len(kinds) > 10  # offsets and flips differ from image to image
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 8, 100])
+def test_one_cycle_schedule_survives_very_short_runs(cifar_script, total_steps):
+    # Tiny data with a big batch gives a handful of steps; with exactly four, a 25% warm-up
+    # lasts one step and OneCycleLR divided by zero (found by running a page's command).
+    model = cifar_script.LitClassifier("cnn", lr=0.1)
+    model._trainer = types.SimpleNamespace(estimated_stepping_batches=total_steps)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for step in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if step < total_steps - 1:  # the last step's schedule update is never used
+            scheduler.step()
+    assert all(0 < r <= 0.1 + 1e-9 for r in rates), rates
+    if total_steps >= 8:
+        assert max(rates) == pytest.approx(0.1, rel=0.05) and rates[-1] < rates[0]  # up, then down
 
 
 # ----------------------------------------------------------------- FSDP wrap policies
