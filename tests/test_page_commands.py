@@ -1,0 +1,327 @@
+"""Every command a learner is asked to run in an exercise or a solution runs here.
+
+The pages show commands as `$ ...` lines of ```console blocks inside :::{exercise} and
+:::{solution}. Each page's commands run in the order the page shows them (a solution often
+continues the exercise's run) with bash, in a fresh folder that looks like the repository
+to the learner: examples/, slurm/ and tests/ are links, and both data/ (the scripts'
+default --data-dir) and tiny/ hold the tiny data sets.
+
+- A command exits 0 without a traceback, and prints every output line the page shows for
+  it (a line "…" stands for output left out, a "…" within a line for any text). Where the page shows an `error:` line, the
+  command must fail, with that line.
+- CIFAR-10 commands without `--accelerator cpu` are the pages' GPU commands: they run where
+  PyTorch sees as many GPUs as they ask for. On the tiny data, a CIFAR-10 command without
+  `--batch-size` gets `--batch-size 32`, as the pages tell learners to do.
+- `sbatch` commands run in test_slurm.py, in the tests named in SBATCH_TESTS; programs that
+  wait for a person (an editor, a web server, a log that never ends) are listed in NOT_RUN
+  with the reason. A command of any other kind fails the test until it is sorted in.
+"""
+
+import csv
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import test_slurm
+from conftest import REPO, finished_steps, metrics_files, read_metrics, write_tiny_cifar10, write_tiny_mnist
+
+RUN_IN = {"exercise", "solution"}
+FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*(\S*)")  # the info string: console, {tabs}, ...
+COLON_FENCE = re.compile(r"^\s*(:{3,})\s*(\{[\w-]+\})?")
+ELLIPSIS = {"…", "...", "[...]"}
+TINY_MNIST_TRAIN = 600 - 600 // 12  # write_tiny_mnist's 600 images less the validation split
+
+# sbatch commands from the SLURM episode, and the test_slurm.py test that runs each one on
+# the test cluster (with its overrides for a machine without GPUs).
+SBATCH_TESTS = {
+    "sbatch slurm/mnist-cpu-ddp.sbatch --max-epochs 1": "test_cpu_template_trains_with_two_ranks_on_one_node",
+    "sbatch --ntasks=1 slurm/mnist-cpu-ddp.sbatch --max-epochs 1":
+        "test_task_count_that_does_not_match_devices_stops_with_one_clear_line",
+    "sbatch slurm/mnist-cpu-ddp.sbatch --max-epochs 1 --devices 1":
+        "test_task_count_that_does_not_match_devices_stops_with_one_clear_line",
+    "sbatch slurm/mnist-cpu-ddp.sbatch --max-epochs 30 --batch-size 32":
+        "test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps",
+}
+NOT_RUN = {
+    "nano": "an editor: the learner changes the file by hand",
+    "tensorboard": "a web server that runs until it is stopped",
+    "tail": "follows a log until it is stopped",
+    "squeue": "watches jobs of a real cluster; test_slurm.py polls its own",
+    "scontrol": "watches jobs of a real cluster; test_slurm.py polls its own",
+    "scancel": "signals a job of a real cluster; test_slurm.py sends USR1 itself",
+}
+
+
+@dataclass
+class Command:
+    page: str
+    line: int
+    text: str  # as shown, without the "$ "
+    shown_output: list[str] = field(default_factory=list)
+
+    @property
+    def words(self) -> list[str]:
+        words = shlex.split(self.text.split(">")[0])
+        return words[1:] if words[:1] == ["time"] else words
+
+    @property
+    def program(self) -> str:
+        return self.words[0]
+
+    @property
+    def script(self) -> str | None:
+        w = self.words
+        if w[0] in ("python", "python3") and len(w) > 1 and w[1].startswith("examples/"):
+            return Path(w[1]).name
+        return None
+
+    @property
+    def gpus_needed(self) -> int:
+        """0 for a CPU command; else the GPUs the command asks for (--devices, at least 1)."""
+        if self.script != "cifar10_lightning.py" or "--accelerator cpu" in self.text:
+            return 0
+        devices = re.search(r"--devices (\d+)", self.text)
+        return int(devices.group(1)) if devices else 1
+
+    @property
+    def expects_error(self) -> bool:
+        return any("error:" in line for line in self.shown_output)
+
+    @property
+    def id(self) -> str:
+        return f"{self.page}:{self.line}"
+
+
+def page_commands(page: Path) -> list[Command]:
+    """The commands of console blocks inside exercises and solutions, with the output shown after each.
+
+    MyST nests directives in fences of backticks (```{tab} inside ````{tabs}) or colons
+    (:::{solution}); a code block nests nothing, so only its own closing fence matters.
+    """
+    commands, open_blocks = [], []  # open_blocks: (fence marker, name, first line)
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+        stripped = line.strip()
+        top = open_blocks[-1] if open_blocks else None
+        in_code = top is not None and not top[1].startswith("{")
+        if m := (FENCE.match(line) or COLON_FENCE.match(line)):
+            marker, info = m.group(1), m.group(2)
+            closes = (top is not None and not info and marker[0] == top[0][0] and len(marker) >= len(top[0]))
+            if closes:
+                open_blocks.pop()
+                continue
+            if not in_code and info:
+                open_blocks.append((marker, info, number))
+                continue
+        if not in_code or top[1] != "console":
+            continue
+        names = {name.strip("{}") for _, name, _ in open_blocks}
+        if not RUN_IN & names:
+            continue
+        if stripped.startswith("$ "):
+            commands.append(Command(page.name, number, stripped[2:]))
+        elif stripped and stripped not in ELLIPSIS and commands and commands[-1].line > top[2]:
+            commands[-1].shown_output.append(stripped)
+    # An exercise shows a command, its solution the same command with what it prints.
+    for command in commands:
+        for twin in commands:
+            if twin.text == command.text and twin is not command:
+                command.shown_output += [line for line in twin.shown_output if line not in command.shown_output]
+    return commands
+
+
+PAGES = sorted((REPO / "content").glob("*.md"))
+COMMANDS = [c for page in PAGES for c in page_commands(page)]
+RUNNABLE = [c for c in COMMANDS if c.program not in NOT_RUN and c.program != "sbatch"]
+
+
+def params() -> list:
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.gpu] if c.gpus_needed else []) for c in RUNNABLE]
+
+
+# ------------------------------------------------------------------- running them
+
+class PageFolder:
+    """A learner's working folder for one page; runs the page's commands in order, once each."""
+
+    def __init__(self, root: Path, page: str):
+        self.root = root
+        for name in ("examples", "slurm", "tests"):
+            (root / name).symlink_to(REPO / name)
+        for data in ("data", "tiny"):
+            write_tiny_mnist(root / data)
+            write_tiny_cifar10(root / data)
+        self.page_commands = [c for c in RUNNABLE if c.page == page]
+        self.results: dict[int, subprocess.CompletedProcess] = {}
+
+    def run(self, command: Command) -> subprocess.CompletedProcess:
+        # Run the page's earlier commands first: a later one may continue their runs.
+        for earlier in self.page_commands:
+            if earlier.line > command.line:
+                break
+            if earlier.line not in self.results and earlier.gpus_needed <= gpus():
+                self.results[earlier.line] = self._run(earlier)
+        return self.results[command.line]
+
+    def result_of(self, fragment: str) -> subprocess.CompletedProcess:
+        """The result of the page's one command that ends with fragment, or else contains it."""
+        found = [c for c in self.page_commands if c.text.endswith(fragment)]
+        if len(found) != 1:
+            found = [c for c in self.page_commands if fragment in c.text]
+        assert len(found) == 1, f"{len(found)} commands contain {fragment!r}"
+        result = self.run(found[0])
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result
+
+    def _run(self, command: Command) -> subprocess.CompletedProcess:
+        text = command.text
+        if command.script == "cifar10_lightning.py" and "--batch-size" not in text:
+            text += " --batch-size 32"  # what the pages say to use with the tiny data
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+               # `python` in a command is the interpreter running these tests.
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        return subprocess.run(["bash", "-c", text], cwd=self.root, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+
+def matches(shown: str, printed: str) -> bool:
+    """A line as the page shows it, where "…" stands for any text (a job id, a step count)."""
+    pattern = ".*".join(re.escape(part) for part in shown.split("…"))
+    return re.fullmatch(pattern, printed) is not None
+
+
+def gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    made = {}
+
+    def folder(page: str) -> PageFolder:
+        if page not in made:
+            made[page] = PageFolder(tmp_path_factory.mktemp(page.removesuffix(".md")), page)
+        return made[page]
+
+    return folder
+
+
+@pytest.mark.parametrize("command", params())
+def test_command_shown_in_an_exercise_or_solution_works(folders, command):
+    if command.gpus_needed > gpus():
+        pytest.skip(f"asks for {command.gpus_needed} GPUs; PyTorch sees {gpus()}")
+    result = folders(command.page).run(command)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output[-4000:]
+    if command.expects_error:
+        assert result.returncode != 0, output[-3000:]
+    else:
+        assert result.returncode == 0, output[-3000:]
+    printed = [line.strip() for line in output.splitlines()]
+    missing = [shown for shown in command.shown_output if not any(matches(shown, line) for line in printed)]
+    assert not missing, f"the page shows lines the command did not print: {missing}\n{output[-3000:]}"
+
+
+# ------------------------------------------- what the solutions say, on the tiny data
+# The tiny data sets are smaller than the real ones, so the solutions' step counts for the
+# real data cannot show up here; where a solution gives the tiny data's numbers, or a
+# relation between two runs, that is checked.
+
+def read_metrics_file(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def steps(result) -> int:
+    return finished_steps(result.stdout)
+
+
+def test_mnist_exercises_batch_size_ddp_and_resume_relations(folders):
+    page = folders("pytorch-to-lightning.md")
+    one_epoch = steps(page.result_of("mnist_lightning.py --max-epochs 1"))
+    # Exercise 2: the last, smaller batch counts as a step.
+    train_images = TINY_MNIST_TRAIN
+    assert steps(page.result_of("--batch-size 64")) == math.ceil(train_images / 64)
+    assert steps(page.result_of("--batch-size 256")) == math.ceil(train_images / 256)
+    # Exercise 3: two processes, each on half of the data, announce themselves.
+    ddp = page.result_of("--devices 2 --strategy ddp")
+    assert "rank 0/2" in ddp.stdout and "rank 1/2" in ddp.stdout
+    assert steps(ddp) == math.ceil(train_images / 2 / 128) < one_epoch
+    # Exercise 4: --max-epochs is the total; the second log carries the step count on.
+    first = page.result_of("--output-dir runs/resume --max-epochs 2")
+    second = page.result_of("--output-dir runs/resume --max-epochs 4 --resume")
+    assert steps(first) == 2 * one_epoch and steps(second) == 4 * one_epoch
+    assert "Restoring states from the checkpoint path at runs/resume/checkpoints/last.ckpt" in second.stderr + second.stdout
+    out = page.root / "runs" / "resume"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4 * one_epoch
+    versions = metrics_files(out)
+    assert [p.parent.name for p in versions] == ["version_0", "version_1"]
+    assert int(read_metrics_file(versions[1])[0]["step"]) > max(int(r["step"]) for r in read_metrics_file(versions[0]))
+    # Together the two logs validate each epoch exactly once.
+    assert [int(r["epoch"]) for r in read_metrics(out) if r.get("val_acc")] == [0, 1, 2, 3]
+
+
+def test_ddp_exercise_1_step_counts_and_rank_lines(folders):
+    page = folders("ddp.md")
+    one, two = page.result_of("--output-dir runs/one"), page.result_of("--output-dir runs/two")
+    assert (steps(one), steps(two)) == (14, 7)  # the solution's numbers for the tiny data
+    assert "effective batch size: 32 per device x 1 devices = 32" in one.stdout
+    assert two.stdout.count("effective batch size: 32 per device x 2 devices = 64") == 1  # rank 0 only
+    assert len([line for line in two.stdout.splitlines() if line.startswith("rank ")]) == 2
+
+
+def test_ddp_exercise_2_keeps_or_scales_the_batch(folders):
+    page = folders("ddp.md")
+    same, scaled = page.result_of("--output-dir runs/same"), page.result_of("--output-dir runs/scaled")
+    assert (steps(same), steps(scaled)) == (140, 70)  # 14 and 7 steps per epoch, 10 epochs
+    peak = {name: max(float(r["lr-SGD"]) for r in read_metrics(page.root / "runs" / name) if r.get("lr-SGD"))
+            for name in ("same", "scaled")}
+    assert peak["same"] == pytest.approx(0.05, rel=0.03) and peak["scaled"] == pytest.approx(0.1, rel=0.03)
+
+
+def test_resume_exercise_reports_four_epochs_of_tiny_data(folders):
+    page = folders("training-pipeline.md")
+    assert steps(page.result_of("--max-epochs 4 --output-dir runs/ex2 --resume")) == 56  # as the solution says
+
+
+# ------------------------------------------------------------- the bookkeeping
+
+def test_pages_have_commands_to_run():
+    # A parser that silently found nothing would make the test above pass vacuously.
+    pages_with_commands = {c.page for c in RUNNABLE}
+    assert {"pytorch-to-lightning.md", "training-pipeline.md", "ddp.md", "fsdp.md", "summary.md"} <= pages_with_commands
+    assert any(c.expects_error for c in RUNNABLE)  # the FSDP-on-CPU exercise shows its error
+
+
+def test_every_command_is_run_somewhere():
+    unknown = [f"{c.id}: {c.text}" for c in COMMANDS
+               if c.program not in NOT_RUN and c.program != "sbatch"
+               and not (c.script or c.program in ("grep", "python", "python3"))]
+    assert not unknown, "commands of an unknown kind: run them here or add them to NOT_RUN with a reason"
+    unmapped = [f"{c.id}: {c.text}" for c in COMMANDS if c.program == "sbatch" and c.text not in SBATCH_TESTS]
+    assert not unmapped, "sbatch commands that no test in test_slurm.py runs (add one to SBATCH_TESTS)"
+    missing = sorted(set(SBATCH_TESTS.values()) - set(dir(test_slurm)))
+    assert not missing, f"SBATCH_TESTS names tests that test_slurm.py does not have: {missing}"
+
+
+def test_parser_reads_commands_and_their_output(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text(
+        "```console\n$ python examples/outside.py\n```\n\n"
+        ":::{exercise} Try\n```console\n$ python examples/a.py --x 1\nhello\n…\n$ time python examples/b.py\n```\n:::\n\n"
+        ":::{solution}\n````{tabs}\n```console\n$ nano notes.txt\n```\n````\n:::\n"
+    )
+    found = page_commands(page)
+    assert [(c.line, c.text, c.shown_output) for c in found] == [
+        (7, "python examples/a.py --x 1", ["hello"]),
+        (10, "time python examples/b.py", []),
+        (17, "nano notes.txt", []),
+    ]
+    assert found[1].script == "b.py" and found[2].program == "nano"
