@@ -391,7 +391,8 @@ def parse_args(argv=None):
     data.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
                       help="keep the training images on the device and feed it indices (default: on a GPU)")
     data.add_argument("--num-workers", type=int, default=None,
-                      help="DataLoader worker processes per device (default: up to 4, fewer if this process may use fewer CPUs)")
+                      help="DataLoader worker processes per device (default: none on a CPU; on a GPU up to 4, "
+                           "fewer if this process may use fewer CPUs)")
 
     hw = parser.add_argument_group("hardware (passed to the Trainer)")
     hw.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda"],
@@ -434,6 +435,8 @@ def parse_args(argv=None):
     out.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     out.add_argument("--fast-dev-run", action="store_true", help="run one batch of each stage as a smoke test")
     out.add_argument("--no-progress-bar", action="store_true", help="no progress bar (for batch jobs' log files)")
+    out.add_argument("--profiler", choices=["simple", "advanced"], default=None,
+                     help="print where the time went, per Lightning hook (simple) or per function (advanced)")
     args = parser.parse_args(argv)
 
     if args.devices != "auto":
@@ -463,6 +466,10 @@ def parse_args(argv=None):
         parser.error("--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); use --strategy ddp on CPU")
     if args.precision is None:
         args.precision = "32-true" if on_cpu else "bf16-mixed"
+    if args.num_workers is None:
+        # Workers prepare batches while a GPU computes. On a CPU they would compete with the
+        # training for the same cores, and starting them next to DDP's threads can hang.
+        args.num_workers = 0 if on_cpu else min(4, usable_cpus() - 1)
     return args
 
 
@@ -470,8 +477,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    num_workers = args.num_workers if args.num_workers is not None else min(4, usable_cpus() - 1)
-    datamodule = CIFAR10DataModule(args.data_dir, args.batch_size, num_workers, args.data_on_device)
+    # --num-workers, when not given, was set by parse_args: none on a CPU, a few on a GPU.
+    datamodule = CIFAR10DataModule(args.data_dir, args.batch_size, args.num_workers, args.data_on_device)
 
     if args.download_only:
         datamodule.prepare_data()
@@ -522,6 +529,7 @@ def main(argv=None):
         benchmark=True,  # images are always 32x32, so cuDNN may pick its fastest kernels once
         enable_progress_bar=not args.no_progress_bar,
         log_every_n_steps=20,
+        profiler=args.profiler,
         default_root_dir=output_dir,  # where SLURM requeue checkpoints go: keep it fixed
         logger=[CSVLogger(output_dir, name="logs"), TensorBoardLogger(output_dir, name="tensorboard")],
         callbacks=callbacks,

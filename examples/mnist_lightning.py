@@ -262,7 +262,8 @@ def parse_args(argv=None):
     data.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
     data.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit")
     data.add_argument("--num-workers", type=int, default=None,
-                      help="DataLoader worker processes per device (default: 2, fewer if this process may use fewer CPUs)")
+                      help="DataLoader worker processes per device (default: none on a CPU; on a GPU up to 2, "
+                           "fewer if this process may use fewer CPUs)")
 
     hw = parser.add_argument_group("hardware (passed to the Trainer)")
     hw.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
@@ -305,6 +306,10 @@ def parse_args(argv=None):
     on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
     if args.strategy == "fsdp" and on_cpu:
         parser.error("--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); use --strategy ddp on CPU")
+    if args.num_workers is None:
+        # Workers prepare batches while a GPU computes. On a CPU they would compete with the
+        # training for the same cores, and starting them next to DDP's threads can hang.
+        args.num_workers = 0 if on_cpu else min(2, usable_cpus() - 1)
     return args
 
 
@@ -312,8 +317,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    num_workers = args.num_workers if args.num_workers is not None else min(2, usable_cpus() - 1)
-    datamodule = MNISTDataModule(args.data_dir, args.batch_size, num_workers)
+    # --num-workers, when not given, was set by parse_args: none on a CPU, a few on a GPU.
+    datamodule = MNISTDataModule(args.data_dir, args.batch_size, args.num_workers)
 
     if args.download_only:
         datamodule.prepare_data()

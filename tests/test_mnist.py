@@ -123,3 +123,18 @@ def test_worker_count_follows_the_cpus_slurm_gives_the_task(mnist_script, monkey
     assert mnist_script.usable_cpus() == len(os.sched_getaffinity(0))
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")  # fewer CPUs than the node has
     assert mnist_script.usable_cpus() == 1
+
+
+@pytest.mark.parametrize("script", ["mnist_lightning", "cifar10_lightning"])
+def test_default_workers_none_on_a_cpu_and_up_to_the_cpus_on_a_gpu(script, monkeypatch):
+    module = load_example(script)
+    most = {"mnist_lightning": 2, "cifar10_lightning": 4}[script]
+    assert module.parse_args(["--accelerator", "cpu"]).num_workers == 0
+    assert module.parse_args(["--accelerator", "cpu", "--num-workers", "3"]).num_workers == 3
+    # On a GPU node with 8 cores (pretended), in a task of 3: workers, and a CPU left for training.
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert module.parse_args([]).num_workers == min(most, 2)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert module.parse_args([]).num_workers == 0
