@@ -6,6 +6,10 @@
 # Because the pages include the example scripts and job templates with relative paths
 # (for example ../examples/mnist_lightning.py), they always show the tested files.
 
+import os
+import zipfile
+from pathlib import Path
+
 project = "PyTorch Lightning from laptop to supercomputer"
 author = "The lesson contributors"
 copyright = "The lesson contributors"
@@ -63,3 +67,28 @@ html_theme_options = {
 # no fonts, scripts or styles from a CDN.  The copy button leaves the prompt behind.
 copybutton_prompt_text = r"\$ "
 copybutton_prompt_is_regexp = True
+
+# -- The lesson files as one download ---------------------------------------------------
+# The setup page offers everything a learner runs (scripts, job templates, the tiny-data
+# maker, requirements) as one zip file, packed from the tested files at every build, so the
+# download never lags behind them.  Fixed time stamps keep the archive the same from one
+# build to the next.
+_ROOT = Path(__file__).resolve().parent
+LESSON_ZIP = _ROOT / "_build" / "lesson-files" / "lightning-lesson.zip"
+
+
+def _write_lesson_zip(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files = [_ROOT / "README.md", _ROOT / "requirements.txt"]
+    for folder in ("examples", "slurm", "tests"):
+        files += sorted(p for p in (_ROOT / folder).rglob("*") if p.is_file()
+                        and not any(part.startswith((".", "__")) for part in p.relative_to(_ROOT).parts))
+    with zipfile.ZipFile(path, "w") as archive:
+        for file in files:
+            info = zipfile.ZipInfo(f"lightning-lesson/{file.relative_to(_ROOT).as_posix()}", (2026, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = (0o755 if os.access(file, os.X_OK) else 0o644) << 16
+            archive.writestr(info, file.read_bytes())
+
+
+_write_lesson_zip(LESSON_ZIP)

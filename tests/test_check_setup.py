@@ -2,7 +2,8 @@
 
 import os
 
-from conftest import run_script, write_tiny_cifar10, write_tiny_mnist
+from conftest import run_script
+from tiny_data import write_tiny_cifar10, write_tiny_mnist
 
 # Hide any real SLURM job the tests might run in: the script treats empty as unset.
 NO_SLURM = {name: "" for name in os.environ if name.startswith("SLURM_")}

@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from conftest import (EXAMPLES, finished_steps, last_value, load_example, metrics_files, read_metrics, run_script,
-                      write_tiny_cifar10)
+from conftest import EXAMPLES, finished_steps, last_value, load_example, metrics_files, read_metrics, run_script
+from tiny_data import write_tiny_cifar10
 
 # 5 batches of 100 tiny images, 1/10 held out for validation -> 450 to train on.
 TRAIN_IMAGES = 450
@@ -78,11 +78,8 @@ def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_dir, tm
     # The resumed run logs to a new file whose steps carry on from the checkpoint.
     second = [int(r["step"]) for r in read_metrics(out) if r.get("train_loss")][-3:]
     assert len(metrics_files(out)) == 2 and min(second) > STEPS_PER_EPOCH
-
-    # Asking the restored one-cycle schedule to stretch over more epochs is refused clearly.
-    longer = run_script("cifar10_lightning.py", *args[:-1], 8, "--resume")
-    assert longer.returncode == 1 and "Traceback" not in longer.stderr
-    assert "resume with the original --max-epochs" in longer.stderr
+    # (Resuming with more epochs than planned is refused: test_page_commands.py runs the
+    # training-pipeline exercise that shows it.)
 
 
 @pytest.fixture(scope="module")

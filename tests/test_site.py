@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,10 @@ def test_code_on_pages_comes_from_tested_files():
 
 def test_strict_build_fails_on_a_missing_include(tmp_path):
     """-W turns a literalinclude of a file that does not exist into a failed build."""
-    shutil.copy(REPO / "conf.py", tmp_path / "conf.py")
+    for name in ("conf.py", "README.md", "requirements.txt"):
+        shutil.copy(REPO / name, tmp_path / name)
+    for name in ("examples", "slurm", "tests"):
+        (tmp_path / name).symlink_to(REPO / name)
     shutil.copytree(CONTENT, tmp_path / "content")
     (tmp_path / "content" / "broken-page.md").write_text(
         "---\norphan: true\n---\n\n# A broken page\n\n"
@@ -148,3 +152,19 @@ def test_strict_build_fails_on_a_missing_include(tmp_path):
     assert result.returncode != 0, "the build passed although an included file is missing"
     assert "no_such_script.py" in result.stderr, result.stderr[-5000:]
     assert "broken-page" in result.stderr, result.stderr[-5000:]
+
+
+def test_setup_page_offers_the_tested_files_as_one_zip(site):
+    result, outdir = site
+    assert result.returncode == 0, result.stderr[-5000:]
+    links = re.findall(r'href="(_downloads/[^"]+/lightning-lesson\.zip)"', (outdir / "setup.html").read_text())
+    assert links, "setup.html has no download link for lightning-lesson.zip"
+    with zipfile.ZipFile(outdir / links[0]) as archive:
+        names = set(archive.namelist())
+        for path in ["requirements.txt", "examples/cifar10_lightning.py", "slurm/mnist-cpu-ddp.sbatch",
+                     "tests/tiny_data.py", "tests/conftest.py"]:
+            assert f"lightning-lesson/{path}" in names
+            assert archive.read(f"lightning-lesson/{path}") == (REPO / path).read_bytes(), f"{path} differs"
+        assert not [n for n in names if "__pycache__" in n or "/." in n]
+        mode = archive.getinfo("lightning-lesson/tests/slurm_cluster.sh").external_attr >> 16
+        assert mode & 0o111, "the zip lost the executable bit of a shell script"
