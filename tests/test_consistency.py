@@ -3,7 +3,8 @@
 - every file a page points at exists (includes, downloads, figures, csv tables);
 - every script and template is offered on some page (a download or an include);
 - every flag a page or a template passes to a script is one that script accepts;
-- every include that selects a part of a file (markers, :pyobject:) selects some code.
+- every include that selects a part of a file (markers, :pyobject:) selects some code;
+- every measured number on the performance page comes from a result file the page shows.
 
 Each rule is a function of the repository's root folder that returns a list of problems,
 so the last tests can run it on a broken copy and see it catch the breakage.
@@ -94,10 +95,13 @@ def references(root: Path, page: Path):
 # ------------------------------------------------------------------ the rules
 
 def missing_references(root: Path) -> list[str]:
+    # Files under _build/ are made by conf.py when the site is built (the lesson zip);
+    # test_site.py checks them in the built site.
     return [f"{where(root, page, number)}: {kind} {target} does not exist"
             for page in pages(root)
             for number, kind, target in references(root, page)
-            if not resolve(root, page, target).is_file()]
+            if not resolve(root, page, target).is_file()
+            and not resolve(root, page, target).is_relative_to(root.resolve() / "_build")]
 
 
 def unreferenced_files(root: Path) -> list[str]:
@@ -275,6 +279,22 @@ def unknown_flags(root: Path) -> list[str]:
 
 # -------------------------------------------------------- the repository obeys
 
+# Numbers on the performance page that are not measurements: the training images of CIFAR-10,
+# a batch size, and the ceiling worked out from FLOPs (3.3 GFLOP per image, ~800 TFLOP/s).
+NOT_MEASURED = {"45,000", "1,024", "240,000"}
+THOUSANDS = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,])")
+
+
+def unsourced_numbers(root: Path) -> list[str]:
+    """Measured numbers on the performance page must come from the result files it shows."""
+    page = root / "content" / "performance.md"
+    tables = [resolve(root, page, target) for _, kind, target in references(root, page) if kind == "csv-table :file:"]
+    measured = {n for table in tables if table.is_file() for n in THOUSANDS.findall(table.read_text(encoding="utf-8"))}
+    return [f"{where(root, page, number)}: {value} is in none of the page's result files {[t.name for t in tables]}"
+            for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
+            for value in THOUSANDS.findall(line) if value not in measured | NOT_MEASURED]
+
+
 def test_every_referenced_file_exists():
     problems = missing_references(REPO)
     assert not problems, "\n".join(problems)
@@ -288,6 +308,10 @@ def test_every_script_and_template_is_offered_on_a_page():
 def test_commands_on_pages_and_in_templates_use_flags_the_scripts_accept():
     problems = unknown_flags(REPO)
     assert not problems, "\n".join(problems)
+
+
+def test_numbers_on_the_performance_page_come_from_its_result_files():
+    assert not unsourced_numbers(REPO), "\n".join(unsourced_numbers(REPO))
 
 
 def test_partial_includes_select_some_code():
@@ -356,3 +380,9 @@ def test_marker_that_moved_away_is_reported(tmp_path):
     problems = "\n".join(empty_includes(root))
     assert "start-after pattern not found: [docs:model]" in problems
     assert "mnist_pytorch.py with {'start-after': '[docs:model]', 'end-before': '[/docs:model]'} selects no code" in problems
+
+
+def test_a_number_typed_into_the_performance_page_is_reported(tmp_path):
+    root = copy_of_repo(tmp_path)
+    replace_in(root / "content" / "performance.md", "32,276 → 45,182", "32,276 → 47,000")
+    assert [p for p in unsourced_numbers(root) if "47,000" in p and "performance.md" in p]

@@ -1,0 +1,36 @@
+#!/bin/bash
+# Everything the lesson measures and checks on a GPU, in one go, for a GPU machine that is
+# lent for minutes: the benchmark behind the "Making it fast" page first, then the GPU tests.
+#
+#   tests/gpu_check.sh OUT_DIR [pytest -k expression]
+#
+# Run it from the repository's top folder on the GPU machine; it writes into OUT_DIR:
+#   env.txt           the card, the driver, the versions
+#   benchmark/        results.json, results.csv, results.svg (copy them to content/benchmark/)
+#   benchmark.log     what benchmark.py printed
+#   gpu-tests.log     pytest -v of the GPU tests (tests/test_gpu.py and the pages' GPU commands)
+# Each part has its own time limit, so a slow part cannot eat the next one's time.
+set -u
+out=${1:?usage: tests/gpu_check.sh OUT_DIR [pytest -k expression]}
+select=${2:-}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    nproc
+    python3 -c 'import platform, torch, torchvision, lightning, torchmetrics as tm
+print("python", platform.python_version(), "torch", torch.__version__, "torchvision", torchvision.__version__,
+      "lightning", lightning.__version__, "torchmetrics", tm.__version__)'
+} > "$out/env.txt" 2>&1
+
+timeout -k 10 "${BENCHMARK_SECONDS:-330}" python3 examples/benchmark.py --out "$out/benchmark" \
+    > "$out/benchmark.log" 2>&1
+echo "benchmark.py exit status $?" >> "$out/benchmark.log"
+
+# The performance page's GPU command is left out: it is the benchmark run above.
+timeout -k 10 "${TESTS_SECONDS:-240}" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    -k "not performance ${select:+and ($select)}" tests/test_gpu.py tests/test_page_commands.py \
+    > "$out/gpu-tests.log" 2>&1
+echo "pytest exit status $?" >> "$out/gpu-tests.log"
+tail -n 3 "$out/benchmark.log" "$out/gpu-tests.log"
