@@ -4,12 +4,12 @@ There is no argparse code here: LightningCLI reads the arguments of Trainer,
 LitMLP and MNISTDataModule (their names, type hints and defaults) and turns each
 one into a command-line option and a key of a YAML configuration file.
 
-    python mnist_cli.py fit --config mnist_cli.yaml                   # train as the file says
-    python mnist_cli.py fit --config mnist_cli.yaml --model.lr 0.01   # change one value
-    python mnist_cli.py fit --config mnist_cli.yaml --print_config    # the full config, as YAML
-    python mnist_cli.py fit --help                                    # every option
+    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml                  # as the file says
+    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml --model.lr 0.01  # change one value
+    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml --print_config   # the full config
+    python examples/mnist_cli.py fit --help                                            # every option
 
-The data must already be in data_dir: python mnist_lightning.py --download-only
+The data must already be in data_dir: python examples/mnist_lightning.py --download-only
 LightningCLI needs jsonargparse: pip install "jsonargparse[signatures]"
 """
 
