@@ -225,7 +225,7 @@ def mnist_epoch_seconds(cfg, lightning: bool, workers=None) -> float:
 
         timer = EpochTimer()
         if workers is None:
-            workers = min(2, mnist.usable_cpus() - 1)  # the script's default
+            workers = mnist.parse_args([]).num_workers  # the script's default on this machine
         trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=2,
                             limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
                             enable_model_summary=False, callbacks=[timer, TQDMProgressBar(refresh_rate=10)],
@@ -284,7 +284,7 @@ def main(argv=None):
         batch=args.batch_size or (32 if small else 512),
         warmup=3 if small else 30,
         steps=args.steps or (5 if small else 150),
-        workers=min(4, mnist.usable_cpus() - 1),  # cifar10_lightning.py's default
+        workers=cifar.parse_args([]).num_workers,  # cifar10_lightning.py's default on this machine
         mnist_images=2_000 if small else 55_000,
         tmp=Path(tempfile.mkdtemp(prefix="benchmark-logs-")),  # the Trainers' logs are not results
     )
@@ -298,11 +298,18 @@ def main(argv=None):
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.benchmark = True
 
-    results = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(device), "config": {"model": cfg.model, "batch_size": cfg.batch,
+              "timed_steps": cfg.steps, "warmup_steps": cfg.warmup, "workers": cfg.workers},
+              "results": [], "ratios": {}}
+    results = report["results"]
 
     def record(group, name, value, unit="images/s"):
         results.append({"group": group, "name": name, "value": round(value, 3 if unit == "s" else 0), "unit": unit})
         print(f"{group:<10} {name:<46} {value:>12,.{3 if unit == 's' else 0}f} {unit}", flush=True)
+        report["ratios"] = ratios_of(results)
+        write_results(report, out)  # after every row: a run that is cut short keeps what it measured
 
     bf16 = "bf16-mixed" if device.type == "cuda" else "32-true"
     record("reference", "plain loop, data on device, bf16" if device.type == "cuda" else "plain loop, fp32",
@@ -327,6 +334,11 @@ def main(argv=None):
         for workers in sorted({min(w, mnist.usable_cpus()) for w in ((0,) if small else (4, 8, 15))}):
             record("data", f"classic PIL pipeline alone, {workers} workers",
                    classic_pipeline(cfg, images, labels, workers))
+    # The slowest group, compiling, comes last: a run that is cut short still has the rest.
+    if "mnist" not in skip:
+        record("mnist", "plain loop over tensors on the device, one epoch", mnist_epoch_seconds(cfg, False), "s")
+        record("mnist", "mnist_lightning.py path, one epoch", mnist_epoch_seconds(cfg, True), "s")
+        record("mnist", "mnist_lightning.py path, no loader workers", mnist_epoch_seconds(cfg, True, 0), "s")
     if "compile" not in skip:
         start = time.perf_counter()
         record("compile", "script path + --compile", lightning_cifar(cfg, images, labels, bf16, progress=10,
@@ -334,38 +346,40 @@ def main(argv=None):
         record("compile", "script path + --compile: warm-up incl. compiling", time.perf_counter() - start, "s")
     if not {"compile", "plain-compile"} & skip:
         record("compile", "plain loop + torch.compile", plain_cifar_loop(cfg, images, labels, "bf16", "default"))
-    if "mnist" not in skip:
-        record("mnist", "plain loop over tensors on the device, one epoch", mnist_epoch_seconds(cfg, False), "s")
-        record("mnist", "mnist_lightning.py path, one epoch", mnist_epoch_seconds(cfg, True), "s")
-        record("mnist", "mnist_lightning.py path, no loader workers", mnist_epoch_seconds(cfg, True, 0), "s")
 
-    value = {r["name"]: r["value"] for r in results}
-    ref = results[0]["value"]
-    ratios = {
-        "lightning_script_vs_plain": value["script path (progress bar every 10 steps)"] / ref,
-        "lightning_no_bar_vs_plain": value["no progress bar"] / ref,
-        "host_memory_loader_vs_data_on_device": value["script with --no-data-on-device (workers, host memory)"]
-        / value["script path (progress bar every 10 steps)"],
-    }
-    if "mnist" not in skip:
-        ratios["mnist_lightning_epoch_vs_plain"] = (value["mnist_lightning.py path, one epoch"]
-                                                    / value["plain loop over tensors on the device, one epoch"])
-    for name, ratio in ratios.items():
+    for name, ratio in report["ratios"].items():
         print(f"ratio      {name:<46} {ratio:>12.2f}")
+    plot(report, out / "results.svg")
+    print(f"wrote {out / 'results.json'}, results.csv and results.svg")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(device), "config": {"model": cfg.model, "batch_size": cfg.batch,
-              "timed_steps": cfg.steps, "warmup_steps": cfg.warmup, "workers": cfg.workers},
-              "results": results, "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+
+# Each ratio divides one row by another, once both have been measured.
+RATIOS = {
+    "lightning_script_vs_plain": ("script path (progress bar every 10 steps)", "reference"),
+    "lightning_no_bar_vs_plain": ("no progress bar", "reference"),
+    "host_memory_loader_vs_data_on_device": ("script with --no-data-on-device (workers, host memory)",
+                                             "script path (progress bar every 10 steps)"),
+    "compiled_script_vs_plain": ("script path + --compile", "reference"),
+    "mnist_lightning_epoch_vs_plain": ("mnist_lightning.py path, one epoch",
+                                       "plain loop over tensors on the device, one epoch"),
+    "mnist_no_workers_epoch_vs_plain": ("mnist_lightning.py path, no loader workers",
+                                        "plain loop over tensors on the device, one epoch"),
+}
+
+
+def ratios_of(results) -> dict:
+    value = {r["name"]: r["value"] for r in results}
+    value["reference"] = results[0]["value"]  # the first row, the plain loop
+    return {name: round(value[a] / value[b], 3) for name, (a, b) in RATIOS.items() if a in value and b in value}
+
+
+def write_results(report, out: Path):
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["group", "run", "value", "unit"])
         writer.writerows([r["group"], r["name"], f"{r['value']:,.{3 if r['unit'] == 's' else 0}f}", r["unit"]]
-                         for r in results)
-    plot(report, out / "results.svg")
-    print(f"wrote {out / 'results.json'}, results.csv and results.svg")
+                         for r in report["results"])
 
 
 def plot(report, path):
