@@ -322,7 +322,7 @@ def main(argv=None):
     record("lightning", "progress bar every step (Lightning default)",
            lightning_cifar(cfg, images, labels, bf16, progress=1))
     record("lightning", "no progress bar, no logger", lightning_cifar(cfg, images, labels, bf16, logger=False))
-    record("data", "script with --no-data-on-device (workers, host memory)",
+    record("data", "script with --no-data-on-device (host memory)",
            lightning_cifar(cfg, images, labels, bf16, progress=10, data_on_device=False))
     record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
     if "fsdp" not in skip:
@@ -357,7 +357,7 @@ def main(argv=None):
 RATIOS = {
     "lightning_script_vs_plain": ("script path (progress bar every 10 steps)", "reference"),
     "lightning_no_bar_vs_plain": ("no progress bar", "reference"),
-    "host_memory_loader_vs_data_on_device": ("script with --no-data-on-device (workers, host memory)",
+    "host_memory_loader_vs_data_on_device": ("script with --no-data-on-device (host memory)",
                                              "script path (progress bar every 10 steps)"),
     "compiled_script_vs_plain": ("script path + --compile", "reference"),
     "mnist_lightning_epoch_vs_plain": ("mnist_lightning.py path, one epoch",
