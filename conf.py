@@ -7,6 +7,8 @@
 # (for example ../examples/mnist_lightning.py), they always show the tested files.
 
 import os
+import stat
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -69,26 +71,55 @@ copybutton_prompt_text = r"\$ "
 copybutton_prompt_is_regexp = True
 
 # -- The lesson files as one download ---------------------------------------------------
-# The setup page offers everything a learner runs (scripts, job templates, the tiny-data
-# maker, requirements) as one zip file, packed from the tested files at every build, so the
-# download never lags behind them.  Fixed time stamps keep the archive the same from one
-# build to the next.
+# The setup page offers what a learner runs (scripts, job templates, requirements, the
+# tiny-data maker and the tests of the scripts) as one zip file, packed from the tracked files
+# at every build, so the download never lags behind them.  The tests that check the pages stay
+# behind: they need the pages.  Fixed time stamps keep the archive the same from build to build.
 _ROOT = Path(__file__).resolve().parent
 LESSON_ZIP = _ROOT / "_build" / "lesson-files" / "lightning-lesson.zip"
+_PAGE_CHECKS = {"test_site.py", "test_consistency.py", "test_page_commands.py", "test_browser.py", "gpu_check.sh"}
+_ZIP_README = """PyTorch Lightning from laptop to supercomputer: the lesson's files
+
+examples/          the training scripts the lesson runs (python examples/<script>.py --help)
+slurm/             job-script templates for SLURM clusters (sbatch slurm/<template>.sbatch)
+requirements.txt   pip install -r requirements.txt installs everything
+tests/             tiny_data.py makes tiny stand-in data sets: python tests/tiny_data.py tiny
+                   the scripts' own tests: python -m pytest tests
+                   (tests that need a GPU or a SLURM cluster are skipped without one)
+
+Run every command from this folder. The lesson's Setup page says how to begin.
+"""
+
+
+def _tracked_files(folder: str) -> list[Path]:
+    """The folder's files under version control; without git, its files less hidden ones and caches."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", folder], cwd=_ROOT, capture_output=True, check=True).stdout
+        files = [_ROOT / name for name in listed.decode().split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+    if not files:
+        files = [p for p in (_ROOT / folder).rglob("*")
+                 if not any(part.startswith((".", "__")) for part in p.relative_to(_ROOT).parts)]
+    return sorted(p for p in files if p.is_file())
 
 
 def _write_lesson_zip(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    files = [_ROOT / "README.md", _ROOT / "requirements.txt"]
-    for folder in ("examples", "slurm", "tests"):
-        files += sorted(p for p in (_ROOT / folder).rglob("*") if p.is_file()
-                        and not any(part.startswith((".", "__")) for part in p.relative_to(_ROOT).parts))
+    files = [_ROOT / "requirements.txt"] + [p for folder in ("examples", "slurm", "tests")
+                                            for p in _tracked_files(folder) if p.name not in _PAGE_CHECKS]
+
+    def entry(name: str, mode: int) -> zipfile.ZipInfo:
+        info = zipfile.ZipInfo(f"lightning-lesson/{name}", (2026, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = (stat.S_IFREG | mode) << 16
+        return info
+
     with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(entry("README.txt", 0o644), _ZIP_README)
         for file in files:
-            info = zipfile.ZipInfo(f"lightning-lesson/{file.relative_to(_ROOT).as_posix()}", (2026, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = (0o755 if os.access(file, os.X_OK) else 0o644) << 16
-            archive.writestr(info, file.read_bytes())
+            mode = 0o755 if os.access(file, os.X_OK) else 0o644
+            archive.writestr(entry(file.relative_to(_ROOT).as_posix(), mode), file.read_bytes())
 
 
 _write_lesson_zip(LESSON_ZIP)

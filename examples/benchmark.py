@@ -4,7 +4,7 @@ Every number comes from one process on one device, after warm-up, on synthetic d
 CIFAR-10's shape (the speed does not depend on what the pixels show):
 
 - a plain PyTorch loop over images already on the GPU: the reference;
-- the Lightning script's own path (DataLoader workers, batch augmentation on the GPU);
+- the Lightning script's own path (training images on the GPU, batch augmentation there);
 - the knobs the lesson discusses: fp32 vs bf16, torch.compile, the progress bar,
   DDP and FSDP on one device, the classic per-image PIL pipeline;
 - the MNIST script's epoch time against a plain loop over GPU tensors.
@@ -397,15 +397,15 @@ def plot(report, path):
                "data": "#6b8e23", "compile": "#7b4ea3"}
     ax.barh([r["name"] for r in rows], [r["value"] for r in rows], color=[colours.get(r["group"], "grey") for r in rows])
     ax.invert_yaxis()
-    ax.set_xlabel("training images per second (higher is better)")
+    ax.set_xlabel("images per second: trained, or delivered by a data path alone (higher is better)")
     env = report["environment"]
-    ax.set_title(f"{report['config']['model']}, batch {report['config']['batch_size']} — {env['device']}, "
-                 f"torch {env['torch']}, Lightning {env['lightning']}", fontsize=9)
+    ax.set_title(f"{report['config']['model']}, batch {report['config']['batch_size']}, {env['device']}\n"
+                 f"torch {env['torch']}, Lightning {env['lightning']}, {env['date']}", fontsize=9)
     for bar, r in zip(ax.patches, rows):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r['value']:,.0f}", va="center", fontsize=8)
     ax.margins(x=0.15)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Date": None})
+    fig.savefig(path, metadata={"Date": None}, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -7,6 +7,7 @@ Sphinx runs as `python -m sphinx` under the interpreter that runs the tests, so
 
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -154,7 +155,7 @@ def test_strict_build_fails_on_a_missing_include(tmp_path):
     assert "broken-page" in result.stderr, result.stderr[-5000:]
 
 
-def test_setup_page_offers_the_tested_files_as_one_zip(site):
+def test_setup_page_offers_the_tested_files_as_one_zip(site, tmp_path):
     result, outdir = site
     assert result.returncode == 0, result.stderr[-5000:]
     links = re.findall(r'href="(_downloads/[^"]+/lightning-lesson\.zip)"', (outdir / "setup.html").read_text())
@@ -162,9 +163,19 @@ def test_setup_page_offers_the_tested_files_as_one_zip(site):
     with zipfile.ZipFile(outdir / links[0]) as archive:
         names = set(archive.namelist())
         for path in ["requirements.txt", "examples/cifar10_lightning.py", "slurm/mnist-cpu-ddp.sbatch",
-                     "tests/tiny_data.py", "tests/conftest.py"]:
+                     "tests/tiny_data.py", "tests/conftest.py", "tests/test_cifar10.py"]:
             assert f"lightning-lesson/{path}" in names
             assert archive.read(f"lightning-lesson/{path}") == (REPO / path).read_bytes(), f"{path} differs"
+        assert "lightning-lesson/README.txt" in names
+        # The checks of the pages need the pages, which the zip does not hold.
+        assert "lightning-lesson/tests/test_site.py" not in names
         assert not [n for n in names if "__pycache__" in n or "/." in n]
         mode = archive.getinfo("lightning-lesson/tests/slurm_cluster.sh").external_attr >> 16
-        assert mode & 0o111, "the zip lost the executable bit of a shell script"
+        assert stat.S_ISREG(mode) and mode & 0o111, "the zip lost the executable bit of a shell script"
+        archive.extractall(tmp_path)
+    # Unpacked, the tests it ships find everything they import.
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                "tests"], cwd=tmp_path / "lightning-lesson", capture_output=True, text=True,
+                               timeout=120)
+    assert collected.returncode == 0, collected.stdout[-3000:] + collected.stderr[-3000:]
+    assert "test_cifar10.py::" in collected.stdout
