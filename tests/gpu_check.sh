@@ -6,7 +6,7 @@
 #
 # Run it from the repository's top folder on the GPU machine; it writes into OUT_DIR:
 #   env.txt           the card, the driver, the versions
-#   benchmark/        results.json, results.csv, results.svg (copy them to content/benchmark/)
+#   benchmark/        results.json, results.csv, results.svg (for content/benchmark/ and the performance page)
 #   benchmark.log     what benchmark.py printed
 #   gpu-tests.log     pytest -v of the GPU tests (tests/test_gpu.py and the pages' GPU commands)
 # Each part has its own time limit, so a slow part cannot eat the next one's time.
