@@ -259,8 +259,8 @@ class LitClassifier(L.LightningModule):
         if self.trainer.world_size > 1:
             print(
                 f"rank {self.global_rank}/{self.trainer.world_size} "
-                f"(local rank {self.local_rank}) on {socket.gethostname()} uses {self.device}",
-                flush=True,
+                f"(local rank {self.local_rank}) on {socket.gethostname()} uses {self.device}\n",
+                end="", flush=True,  # one write: lines of ranks that share a log never run together
             )
 # [/docs:module]
 
@@ -547,7 +547,7 @@ def main(argv=None):
 
     if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
-        print(f"rank {trainer.global_rank}: peak GPU memory {peak:.2f} GiB", flush=True)
+        print(f"rank {trainer.global_rank}: peak GPU memory {peak:.2f} GiB\n", end="", flush=True)
     if trainer.is_global_zero:
         print(f"finished after {trainer.global_step} training steps")
         if not args.fast_dev_run:

@@ -161,8 +161,8 @@ class LitMLP(L.LightningModule):
         if self.trainer.world_size > 1:
             print(
                 f"rank {self.global_rank}/{self.trainer.world_size} "
-                f"(local rank {self.local_rank}) on {socket.gethostname()} uses {self.device}",
-                flush=True,
+                f"(local rank {self.local_rank}) on {socket.gethostname()} uses {self.device}\n",
+                end="", flush=True,  # one write: lines of ranks that share a log never run together
             )
 # [/docs:module]
 

@@ -45,9 +45,19 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------- running
 
+# Where torch.distributed finds its peers. A learner's shell has none of these; if a test
+# process had them, every DDP run started from it would meet on one fixed port.
+DISTRIBUTED_SETTINGS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+
+
+def learner_environ() -> dict:
+    """This process's environment, less the distributed settings a learner would not have."""
+    return {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_SETTINGS}
+
+
 def run_script(name: str, *args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run examples/<name> as a learner would: a fresh Python process, from the repo root."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**learner_environ(), "PYTHONUNBUFFERED": "1", **(env or {})}
     # Keep the smoke runs quiet and deterministic on small CPUs.
     full_env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(

@@ -1,6 +1,5 @@
 """The CIFAR-10 script on CPU and tiny learnable data, and its FSDP wrap policies."""
 
-import os
 import subprocess
 import sys
 import time
@@ -9,7 +8,8 @@ import types
 import pytest
 import torch
 
-from conftest import EXAMPLES, finished_steps, last_value, load_example, metrics_files, read_metrics, run_script
+from conftest import (EXAMPLES, finished_steps, last_value, learner_environ, load_example, metrics_files,
+                      read_metrics, run_script)
 from tiny_data import write_tiny_cifar10
 
 # 5 batches of 100 tiny images, 1/10 held out for validation -> 450 to train on.
@@ -61,7 +61,7 @@ def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_dir, tm
     # written its first end-of-epoch checkpoint (Lightning writes it atomically).
     run = subprocess.Popen([sys.executable, EXAMPLES / "cifar10_lightning.py", *map(str, args)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           env={**learner_environ(), "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / "last.ckpt").exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -170,11 +170,14 @@ def gloo_group():
     """A one-process gloo group, so torch's FSDP can wrap a model on the CPU."""
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # A store of its own on a free port, given directly: setting MASTER_PORT in os.environ
+    # instead leaked into every later script run by this pytest process, and their DDP ranks
+    # then met on that one port (two-rank runs hung, a requeued SLURM job failed to start).
+    store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    del store
 
 
 def fsdp_units(model, policy) -> dict[str, torch.nn.Module]:

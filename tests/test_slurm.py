@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import finished_steps, metrics_files
+from conftest import finished_steps, learner_environ, metrics_files
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
@@ -81,7 +81,7 @@ def job_env(tmp_path_factory) -> dict:
     # A wrapper, not a symlink: a virtual environment is only found through its real path.
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     wrapper.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    env = {**learner_environ(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     for name in ("DATA_DIR", "STAGE_DATA", "LOCAL_DISK"):
         env.pop(name, None)  # only what a test sets itself
     return env
@@ -302,7 +302,11 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
         poll("the job to be requeued",
              lambda: job_fields(job).get("Restarts") == "1" and job_fields(job)["JobState"] == "PENDING",
              timeout=60)
-        # A requeued job may not start for about two minutes; let it start now.
+        # A requeued job may not start for about two minutes; let it start now. Not in the same
+        # second as the requeue, though: slurmd refuses a launch whose credential is no newer
+        # than the revoked one of the first run ("Job credential revoked"), and the job fails.
+        requeued = time.time()
+        poll("two seconds after the requeue", lambda: time.time() > requeued + 2, timeout=10, interval=0.1)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
         poll("the requeued job to finish",
              lambda: job_fields(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
