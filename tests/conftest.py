@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny data sets of tiny_data.py, running scripts, reading their logs."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,19 +56,26 @@ def learner_environ() -> dict:
     return {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_SETTINGS}
 
 
+def run_command(args: list, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a command that runs out of time is stopped with all its
+    children: a hung DDP run leaves no rank behind to disturb the tests after it."""
+    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, ranks included
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise subprocess.TimeoutExpired(args, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
 def run_script(name: str, *args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run examples/<name> as a learner would: a fresh Python process, from the repo root."""
     full_env = {**learner_environ(), "PYTHONUNBUFFERED": "1", **(env or {})}
     # Keep the smoke runs quiet and deterministic on small CPUs.
     full_env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *map(str, args)],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_command([sys.executable, str(EXAMPLES / name), *map(str, args)], REPO, full_env, timeout)
 
 
 def finished_steps(output: str) -> int:

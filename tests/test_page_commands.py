@@ -35,7 +35,7 @@ import pytest
 import torch
 
 import test_slurm
-from conftest import REPO, finished_steps, learner_environ, metrics_files, read_metrics
+from conftest import REPO, finished_steps, learner_environ, metrics_files, read_metrics, run_command
 from tiny_data import write_tiny_cifar10, write_tiny_mnist
 
 RUN_IN = {"exercise", "solution"}
@@ -208,12 +208,13 @@ class PageFolder:
     def _run(self, command: Command) -> subprocess.CompletedProcess:
         text = command.text
         if command.script == "cifar10_lightning.py" and "--batch-size" not in text:
-            text += " --batch-size 32"  # what the pages say to use with the tiny data
+            # What the pages say to use with the tiny data; right after the script's name, so
+            # it stays on the script's command line even when the output is piped on.
+            text = text.replace("cifar10_lightning.py", "cifar10_lightning.py --batch-size 32", 1)
         env = {**learner_environ(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                # `python` in a command is the interpreter running these tests.
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        return subprocess.run(["bash", "-c", text], cwd=self.root, env=env, capture_output=True, text=True,
-                              timeout=300)
+        return run_command(["bash", "-c", text], self.root, env, timeout=300)
 
 
 def matches(shown: str, printed: str) -> bool:
