@@ -29,6 +29,8 @@ BUILDDIR    := _build
 SPHINXOPTS  ?=
 SPHINXBUILD := $(PYTHON) -m sphinx
 PYTESTOPTS  ?=
+# Test processes that run at once (pytest-xdist); "auto" starts one per CPU core.
+TEST_WORKERS ?= auto
 PORT        ?= 8000
 
 .DEFAULT_GOAL := html
@@ -52,8 +54,9 @@ serve: $(SETUP)
 		--watch examples --watch slurm --watch conf.py \
 		$(SPHINXOPTS) $(SOURCEDIR) $(BUILDDIR)/html
 
+# --dist loadgroup keeps the tests that must run in order in one process (tests/conftest.py).
 test: $(SETUP)
-	$(PYTHON) -m pytest $(PYTESTOPTS) tests
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTESTOPTS) tests
 
 clean:
 	rm -rf $(BUILDDIR)

@@ -115,11 +115,15 @@ def _write_lesson_zip(path: Path):
         info.external_attr = (stat.S_IFREG | mode) << 16
         return info
 
-    with zipfile.ZipFile(path, "w") as archive:
+    # Written under another name and then renamed, so that a build running at the same time
+    # (the tests build the site in parallel) never copies a half-written zip.
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with zipfile.ZipFile(partial, "w") as archive:
         archive.writestr(entry("README.txt", 0o644), _ZIP_README)
         for file in files:
             mode = 0o755 if os.access(file, os.X_OK) else 0o644
             archive.writestr(entry(file.relative_to(_ROOT).as_posix(), mode), file.read_bytes())
+    os.replace(partial, path)
 
 
 _write_lesson_zip(LESSON_ZIP)

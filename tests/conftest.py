@@ -17,9 +17,18 @@ EXAMPLES = REPO / "examples"
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: runs for more than a few seconds")
+    config.addinivalue_line("markers", "xdist_group(name): tests that run one after another in one process")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    # `make test` runs the tests in parallel processes (pytest-xdist, --dist loadgroup). A test
+    # file's tests stay together in one process, in their order, so its module fixtures (a
+    # built site, a trained run) are made once and the SLURM jobs never compete for the test
+    # cluster; test_page_commands.py groups its tests by page instead.
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
     try:
         import torch
 

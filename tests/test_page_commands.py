@@ -164,7 +164,10 @@ RUNNABLE = [c for c in COMMANDS if c.program not in NOT_RUN and c.program != "sb
 
 
 def params() -> list:
-    return [pytest.param(c, id=c.id, marks=[pytest.mark.gpu] if c.gpus_needed else []) for c in RUNNABLE]
+    # A page's commands, and the checks of what its solutions say, run in one process
+    # (pytest-xdist's group), in the page's order: a solution often continues an exercise's run.
+    return [pytest.param(c, id=c.id, marks=[pytest.mark.xdist_group(c.page)] + ([pytest.mark.gpu] if c.gpus_needed else []))
+            for c in RUNNABLE]
 
 
 # ------------------------------------------------------------------- running them
@@ -269,6 +272,7 @@ def steps(result) -> int:
     return finished_steps(result.stdout)
 
 
+@pytest.mark.xdist_group("pytorch-to-lightning.md")
 def test_mnist_exercises_batch_size_ddp_and_resume_relations(folders):
     page = folders("pytorch-to-lightning.md")
     one_epoch = steps(page.result_of("mnist_lightning.py --max-epochs 1"))
@@ -294,6 +298,7 @@ def test_mnist_exercises_batch_size_ddp_and_resume_relations(folders):
     assert [int(r["epoch"]) for r in read_metrics(out) if r.get("val_acc")] == [0, 1, 2, 3]
 
 
+@pytest.mark.xdist_group("ddp.md")
 def test_ddp_exercise_1_step_counts_and_rank_lines(folders):
     page = folders("ddp.md")
     one, two = page.result_of("--output-dir runs/one-tiny"), page.result_of("--output-dir runs/two-tiny")
@@ -303,6 +308,7 @@ def test_ddp_exercise_1_step_counts_and_rank_lines(folders):
     assert len([line for line in two.stdout.splitlines() if line.startswith("rank ")]) == 2
 
 
+@pytest.mark.xdist_group("ddp.md")
 def test_ddp_exercise_2_keeps_or_scales_the_batch(folders):
     page = folders("ddp.md")
     same, scaled = page.result_of("--output-dir runs/same"), page.result_of("--output-dir runs/scaled")
@@ -312,11 +318,13 @@ def test_ddp_exercise_2_keeps_or_scales_the_batch(folders):
     assert peak["same"] == pytest.approx(0.05, rel=0.03) and peak["scaled"] == pytest.approx(0.1, rel=0.03)
 
 
+@pytest.mark.xdist_group("training-pipeline.md")
 def test_resume_exercise_reports_four_epochs_of_tiny_data(folders):
     page = folders("training-pipeline.md")
     assert steps(page.result_of("--max-epochs 4 --output-dir runs/ex2 --resume")) == 56  # as the solution says
 
 
+@pytest.mark.xdist_group("performance.md")
 def test_benchmark_exercise_writes_complete_consistent_results(folders):
     page = folders("performance.md")
     page.result_of("benchmark.py --small --out bench-small")
