@@ -4,6 +4,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import pytest
 import torch
@@ -184,7 +185,10 @@ def fsdp_units(model, policy) -> dict[str, torch.nn.Module]:
     """Wrap with torch's FSDP and return {qualified name: module} of every sharded unit."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    wrapped = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
+    with warnings.catch_warnings():
+        # With one process there is nothing to shard; FSDP says so, and that is expected here.
+        warnings.filterwarnings("ignore", "FSDP is switching to use `NO_SHARD`", UserWarning)
+        wrapped = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"))
     return {
         name.replace("_fsdp_wrapped_module.", "").removesuffix("_fsdp_wrapped_module").rstrip("."): unit.module
         for name, unit in wrapped.named_modules()

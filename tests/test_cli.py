@@ -13,8 +13,8 @@ pytest.importorskip(
 )
 
 CONFIG = REPO / "examples" / "mnist_cli.yaml"
-# Added to the learner's commands: the CPU, and no loader processes (quicker on small CPUs).
-CPU = ("--trainer.accelerator", "cpu", "--data.num_workers", 0)
+# Added to the learner's commands: the CPU, whatever this machine has.
+CPU = ("--trainer.accelerator", "cpu")
 
 
 def test_help_lists_the_subcommands_and_the_options_of_each_class():
@@ -64,7 +64,7 @@ def test_print_config_gives_a_config_that_reads_back_the_same(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     printed = yaml.safe_load(result.stdout)
     assert printed["model"] == {"lr": 0.01, "hidden": 512}
-    assert printed["data"] == {"data_dir": "data", "batch_size": 128, "num_workers": 2}
+    assert printed["data"] == {"data_dir": "data", "batch_size": 128, "num_workers": 0}
     assert printed["trainer"]["max_epochs"] == 5
     assert printed["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.CSVLogger"
 
