@@ -4,10 +4,13 @@ There is no argparse code here: LightningCLI reads the arguments of Trainer,
 LitMLP and MNISTDataModule (their names, type hints and defaults) and turns each
 one into a command-line option and a key of a YAML configuration file.
 
-    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml                  # as the file says
-    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml --model.lr 0.01  # change one value
-    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml --print_config   # the full config
-    python examples/mnist_cli.py fit --help                                            # every option
+Run it from the repository's top folder: train as the file says, change one value,
+print the full configuration, list every option.
+
+    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml
+    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml --model.lr 0.01
+    python examples/mnist_cli.py fit --config examples/mnist_cli.yaml --print_config
+    python examples/mnist_cli.py fit --help
 
 The data must already be in data_dir: python examples/mnist_lightning.py --download-only
 LightningCLI needs jsonargparse: pip install "jsonargparse[signatures]"
@@ -18,7 +21,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-# Keep this file next to mnist_lightning.py: the model and the data module come from there.
+# Keep this file next to mnist_lightning.py: the model and the data module come
+# from there.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist_lightning import LitMLP, MNISTDataModule  # noqa: E402
 
@@ -27,7 +31,8 @@ def main(args=None):
     try:
         import jsonargparse  # noqa: F401  (LightningCLI builds its parser with it)
     except ImportError:
-        sys.exit('error: LightningCLI needs jsonargparse: pip install "jsonargparse[signatures]"')
+        sys.exit("error: LightningCLI needs jsonargparse: "
+                 'pip install "jsonargparse[signatures]"')
     # The subcommand (fit, validate, test, predict) names the Trainer method to run.
     LightningCLI(LitMLP, MNISTDataModule, seed_everything_default=42, args=args)
 

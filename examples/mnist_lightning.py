@@ -3,9 +3,9 @@
 The same file runs on a laptop CPU, one GPU, several GPUs (DDP) and several nodes:
 the hardware is chosen by command-line flags, never by editing the code.
 
-    python mnist_lightning.py                                   # whatever this machine has
+    python mnist_lightning.py                         # whatever this machine has
     python mnist_lightning.py --accelerator cpu --devices 2 --strategy ddp
-    python mnist_lightning.py --data-dir data --download-only   # fetch the data, then stop
+    python mnist_lightning.py --download-only         # fetch the data, then stop
 
 Run ``python mnist_lightning.py --help`` for every flag.
 """
@@ -49,8 +49,9 @@ class MLP(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Scaling inside the model keeps the data as compact uint8 until it is on the
-        # device, and means every data path (CPU, GPU, DDP) feeds the model the same way.
+        # Scaling inside the model keeps the data as compact uint8 until it is on
+        # the device, and means every data path (CPU, GPU, DDP) feeds the model the
+        # same way.
         x = (images.float() / 255.0 - 0.1307) / 0.3081
         return self.layers(x)
 # [/docs:model]
@@ -90,10 +91,12 @@ class MNISTDataModule(L.LightningDataModule):
         # uses its own fixed seed rather than the training seed.
         if stage == "fit":
             full = MNIST(self.data_dir, train=True)
-            order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
+            order = torch.randperm(len(full),
+                                   generator=torch.Generator().manual_seed(0))
             n_val = len(full) // 12  # 5,000 of the 60,000 training images
             val_idx, train_idx = order[:n_val], order[n_val:]
-            self.train_set = TensorDataset(full.data[train_idx], full.targets[train_idx])
+            self.train_set = TensorDataset(full.data[train_idx],
+                                           full.targets[train_idx])
             self.val_set = TensorDataset(full.data[val_idx], full.targets[val_idx])
         if stage == "test":
             test = MNIST(self.data_dir, train=False)
@@ -125,7 +128,7 @@ class MNISTDataModule(L.LightningDataModule):
 class LitMLP(L.LightningModule):
     def __init__(self, lr: float = 1e-3, hidden: int = 512):
         super().__init__()
-        self.save_hyperparameters()  # stored in every checkpoint, so a run can be rebuilt
+        self.save_hyperparameters()  # kept in every checkpoint: the run can be rebuilt
         self.model = MLP(hidden)
         # TorchMetrics sums correct/seen over all processes; "micro" = plain accuracy.
         self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
@@ -143,8 +146,9 @@ class LitMLP(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         images, labels = batch
         logits = self(images)
-        # sync_dist averages the loss over all processes, so every rank logs the same value.
-        self.log("val_loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
+        # sync_dist averages the loss over all processes: all ranks log the same value.
+        loss = F.cross_entropy(logits, labels)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.val_acc(logits, labels)
         self.log("val_acc", self.val_acc, prog_bar=True)
 
@@ -161,8 +165,10 @@ class LitMLP(L.LightningModule):
         if self.trainer.world_size > 1:
             print(
                 f"rank {self.global_rank}/{self.trainer.world_size} "
-                f"(local rank {self.local_rank}) on {socket.gethostname()} uses {self.device}\n",
-                end="", flush=True,  # one write: lines of ranks that share a log never run together
+                f"(local rank {self.local_rank}) on {socket.gethostname()} "
+                f"uses {self.device}\n",
+                # One write: lines of ranks that share a log never run together.
+                end="", flush=True,
             )
 # [/docs:module]
 
@@ -183,24 +189,28 @@ class RequeueOnSignal(L.Callback):
         self.signalled = False
 
     def on_train_start(self, trainer, pl_module):
-        signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "signalled", True))
+        signal.signal(signal.SIGUSR1,
+                      lambda signum, frame: setattr(self, "signalled", True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.check_every_n_steps:
             return
-        # A collective: every rank calls it at the same step. True if any rank was signalled.
+        # A collective: every rank calls it at the same step. True if any rank was
+        # signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         root = Path(trainer.default_root_dir)
-        n = trainer.strategy.broadcast(1 + len(list(root.glob("hpc_ckpt_*.ckpt"))))  # one name for all
+        # One name for all ranks: rank 0 counts the earlier checkpoints.
+        n = trainer.strategy.broadcast(1 + len(list(root.glob("hpc_ckpt_*.ckpt"))))
         path = root / f"hpc_ckpt_{n}.ckpt"
-        trainer.save_checkpoint(path)  # every rank takes part (FSDP gathers or writes its shard)
+        trainer.save_checkpoint(path)  # every rank takes part (FSDP: its shard)
         if trainer.is_global_zero:
             job = os.environ["SLURM_JOB_ID"]
             subprocess.run(["scontrol", "requeue", job], check=True)
             print(f"saved {path} and requeued SLURM job {job}", flush=True)
-        # Leave at once, on every rank: a stop through Lightning would first validate the
-        # half epoch, which only delays the requeue (and writes another checkpoint).
+        # Leave at once, on every rank: a stop through Lightning would first
+        # validate the half epoch, which only delays the requeue (and writes
+        # another checkpoint).
         raise SystemExit(0)
 # [/docs:requeue]
 
@@ -208,7 +218,10 @@ class RequeueOnSignal(L.Callback):
 # [docs:helpers]
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask, capped by SLURM's allocation."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if hasattr(os, "sched_getaffinity"):
+        n = len(os.sched_getaffinity(0))
+    else:
+        n = os.cpu_count()
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         n = min(n, int(os.environ["SLURM_CPUS_PER_TASK"]))
     return max(n or 1, 1)
@@ -233,22 +246,26 @@ def check_slurm_tasks(devices, num_nodes: int):
         return
     if isinstance(devices, int) and int(ntasks) != devices * num_nodes:
         sys.exit(
-            f"error: SLURM started {ntasks} tasks but --devices {devices} x --num-nodes "
-            f"{num_nodes} = {devices * num_nodes}; set --ntasks-per-node to the devices per "
-            f"node and --nodes to the number of nodes"
+            f"error: SLURM started {ntasks} tasks but --devices {devices} x "
+            f"--num-nodes {num_nodes} = {devices * num_nodes}; set --ntasks-per-node "
+            f"to the devices per node and --nodes to the number of nodes"
         )
 
 
 def find_resume_checkpoint(output_dir: Path):
     """The newest checkpoint in output_dir, for --resume; None if there is none.
 
-    checkpoints/last.ckpt is written after each validation, hpc_ckpt_N.ckpt when a SLURM job
-    was requeued: after a requeue the second is newer, after a finished epoch the first.
+    checkpoints/last.ckpt is written after each validation, hpc_ckpt_N.ckpt when a
+    SLURM job was requeued: after a requeue the second is newer, after a finished
+    epoch the first.
     """
-    found = [p for p in [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
-             if p.exists()]  # a file, or a folder for sharded FSDP checkpoints
+    candidates = [output_dir / "checkpoints" / "last.ckpt",
+                  *output_dir.glob("hpc_ckpt_*.ckpt")]
+    # A checkpoint is a file, or a folder for sharded FSDP checkpoints.
+    found = [p for p in candidates if p.exists()]
     if not found:
-        print(f"--resume: no checkpoint in {output_dir}, starting from scratch", flush=True)
+        print(f"--resume: no checkpoint in {output_dir}, starting from scratch",
+              flush=True)
         return None
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
@@ -259,18 +276,23 @@ def find_resume_checkpoint(output_dir: Path):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
-    data.add_argument("--download-only", action="store_true", help="download MNIST into --data-dir and exit")
+    data.add_argument("--data-dir", default="data",
+                      help="folder holding MNIST/raw/ (default: %(default)s)")
+    data.add_argument("--download-only", action="store_true",
+                      help="download MNIST into --data-dir and exit")
     data.add_argument("--num-workers", type=int, default=None,
-                      help="DataLoader worker processes per device (default: none on a CPU; on a GPU up to 2, "
-                           "fewer if this process may use fewer CPUs)")
+                      help="DataLoader worker processes per device (default: none on a "
+                           "CPU; on a GPU up to 2, fewer if this process may use fewer "
+                           "CPUs)")
 
     hw = parser.add_argument_group("hardware (passed to the Trainer)")
-    hw.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu", "cuda", "mps"],
+    hw.add_argument("--accelerator", default="auto",
+                    choices=["auto", "cpu", "gpu", "cuda", "mps"],
                     help="default: %(default)s (a GPU if there is one)")
     hw.add_argument("--devices", default="auto",
                     help="devices per node: a number or 'auto' (default: %(default)s)")
-    hw.add_argument("--num-nodes", type=int, default=1, help="nodes (default: %(default)s)")
+    hw.add_argument("--num-nodes", type=int, default=1,
+                    help="nodes (default: %(default)s)")
     hw.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
                     help="how to use several devices (default: %(default)s)")
     hw.add_argument("--precision", default="32-true",
@@ -279,20 +301,27 @@ def parse_args(argv=None):
 
     train = parser.add_argument_group("training")
     train.add_argument("--max-epochs", type=int, default=5, help="default: %(default)s")
-    train.add_argument("--batch-size", type=int, default=128, help="per device (default: %(default)s)")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=128,
+                       help="per device (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="Adam learning rate (default: %(default)s)")
     train.add_argument("--seed", type=int, default=42, help="default: %(default)s")
     train.add_argument("--output-dir", default="runs/mnist",
-                       help="logs/version_N/metrics.csv and checkpoints/ go here (default: %(default)s)")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    train.add_argument("--fast-dev-run", action="store_true", help="run one batch of each stage as a smoke test")
-    train.add_argument("--no-progress-bar", action="store_true", help="no progress bar (for batch jobs' log files)")
+                       help="logs/version_N/metrics.csv and checkpoints/ go here "
+                            "(default: %(default)s)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--fast-dev-run", action="store_true",
+                       help="run one batch of each stage as a smoke test")
+    train.add_argument("--no-progress-bar", action="store_true",
+                       help="no progress bar (for batch jobs' log files)")
     args = parser.parse_args(argv)
 
     # Turn impossible combinations into one clear line instead of a deep traceback.
     if args.devices != "auto":
         if not args.devices.isdigit() or int(args.devices) < 1:
-            parser.error(f"--devices must be 'auto' or a whole number >= 1, not {args.devices!r}")
+            parser.error("--devices must be 'auto' or a whole number >= 1, "
+                         f"not {args.devices!r}")
         args.devices = int(args.devices)
     for flag in ("num_nodes", "max_epochs", "batch_size"):
         if getattr(args, flag) < 1:
@@ -302,13 +331,17 @@ def parse_args(argv=None):
     if args.lr <= 0:
         parser.error("--lr must be positive")
     if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        parser.error(f"--accelerator {args.accelerator}: PyTorch sees no GPU on this machine")
-    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto" and not torch.cuda.is_available())
+        parser.error(f"--accelerator {args.accelerator}: "
+                     "PyTorch sees no GPU on this machine")
+    on_cpu = args.accelerator == "cpu" or (args.accelerator == "auto"
+                                           and not torch.cuda.is_available())
     if args.strategy == "fsdp" and on_cpu:
-        parser.error("--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); use --strategy ddp on CPU")
+        parser.error("--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); "
+                     "use --strategy ddp on CPU")
     if args.num_workers is None:
-        # Workers prepare batches while a GPU computes. On a CPU they would compete with the
-        # training for the same cores, and starting them next to DDP's threads can hang.
+        # Workers prepare batches while a GPU computes. On a CPU they would compete
+        # with the training for the same cores, and starting them next to DDP's
+        # threads can hang.
         args.num_workers = 0 if on_cpu else min(2, usable_cpus() - 1)
     return args
 
@@ -317,7 +350,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     output_dir = Path(args.output_dir)
-    # --num-workers, when not given, was set by parse_args: none on a CPU, a few on a GPU.
+    # --num-workers, if not given, was set by parse_args: none on a CPU, a few on a GPU.
     datamodule = MNISTDataModule(args.data_dir, args.batch_size, args.num_workers)
 
     if args.download_only:
@@ -326,8 +359,8 @@ def main(argv=None):
         return
     if not datamodule.is_downloaded() and not can_reach(MNIST.mirrors[0]):
         sys.exit(
-            f"error: MNIST is not in {args.data_dir} and this machine cannot download it; "
-            f"on a machine with internet (e.g. a login node) run: "
+            f"error: MNIST is not in {args.data_dir} and this machine cannot "
+            f"download it; on a machine with internet (e.g. a login node) run: "
             f"python {sys.argv[0]} --data-dir {args.data_dir} --download-only"
         )
     check_slurm_tasks(args.devices, args.num_nodes)
@@ -336,14 +369,16 @@ def main(argv=None):
     model = LitMLP(lr=args.lr)
     # Two checkpoints: the best epoch so far (what we test) and the latest epoch,
     # overwritten each time (what --resume continues from).
-    best_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best-{epoch}-{val_acc:.4f}",
+    best_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints",
+                                filename="best-{epoch}-{val_acc:.4f}",
                                 monitor="val_acc", mode="max")
-    last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last", enable_version_counter=False,
-                                save_on_train_epoch_end=False)  # after validation, so never mid-epoch
+    last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last",
+                                enable_version_counter=False,
+                                save_on_train_epoch_end=False)  # saved after validation
     # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
     callbacks = [] if args.fast_dev_run else [best_ckpt, last_ckpt]
     if not args.no_progress_bar:
-        # Redrawing the bar reads the loss back from the GPU and makes the CPU wait for it.
+        # Redrawing the bar reads the loss back from the GPU: the CPU waits for it.
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     on_slurm = SLURMEnvironment.detect()
     if on_slurm:
@@ -357,7 +392,7 @@ def main(argv=None):
         max_epochs=args.max_epochs,
         fast_dev_run=args.fast_dev_run,
         log_every_n_steps=20,
-        default_root_dir=output_dir,  # where SLURM requeue checkpoints go: keep it fixed
+        default_root_dir=output_dir,  # where SLURM requeue checkpoints go
         # Each run, and each resumed run, writes logs/version_N/metrics.csv: a resumed
         # run continues the step count in a new file instead of overwriting the old one.
         logger=CSVLogger(output_dir, name="logs"),
@@ -368,7 +403,8 @@ def main(argv=None):
     )
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    best, last = best_ckpt.best_model_path, last_ckpt.best_model_path  # unmonitored: the newest
+    # last_ckpt monitors nothing, so its "best" is simply the newest.
+    best, last = best_ckpt.best_model_path, last_ckpt.best_model_path
     # Test the best weights seen during validation (fast-dev-run saves no checkpoint).
     trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
 

@@ -51,8 +51,9 @@ def load_mnist(data_dir: str, batch_size: int):
         test = MNIST(data_dir, train=False, download=True)
     except RuntimeError as err:  # offline and the files are missing
         reason = str(err).splitlines()[0]
-        sys.exit(f"error: MNIST is not in {data_dir} and could not be downloaded ({reason}); "
-                 f"run this script once on a machine with internet, e.g. a login node")
+        sys.exit(f"error: MNIST is not in {data_dir} and could not be downloaded "
+                 f"({reason}); run this script once on a machine with internet, "
+                 f"e.g. a login node")
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
     n_val = len(full) // 12  # 5,000 of the 60,000 training images
     val_idx, train_idx = order[:n_val], order[n_val:]
@@ -106,12 +107,16 @@ def pick_device(name: str) -> torch.device:
 # [docs:main]
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding MNIST/raw/ (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=5, help="default: %(default)s")
-    parser.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="default: %(default)s")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="Adam learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=42, help="default: %(default)s")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:1, mps (default: %(default)s)")
     parser.add_argument("--output-dir", default="runs/mnist_pytorch",
                         help="the checkpoint goes here (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -135,10 +140,11 @@ def main(argv=None):
               f"val_acc {val_acc:.4f}  ({time.perf_counter() - start:.1f} s)")
         if val_acc > best_acc:  # keep the best model, and enough to resume training
             best_acc = val_acc
-            torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                       output_dir / "best.pt")
+            torch.save({"epoch": epoch, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict()}, output_dir / "best.pt")
 
-    model.load_state_dict(torch.load(output_dir / "best.pt", map_location=device)["model"])
+    best = torch.load(output_dir / "best.pt", map_location=device)
+    model.load_state_dict(best["model"])
     _, test_acc = evaluate(model, test_loader, device)
     print(f"test_acc {test_acc:.4f} (best checkpoint: {output_dir / 'best.pt'})")
 # [/docs:main]
