@@ -69,6 +69,9 @@ html_theme_options = {
 # no fonts, scripts or styles from a CDN.  The copy button leaves the prompt behind.
 copybutton_prompt_text = r"\$ "
 copybutton_prompt_is_regexp = True
+# A long command goes on over lines that end in a backslash, and the lines after have no
+# prompt; without this the button would copy only the first line of such a command.
+copybutton_line_continuation_character = "\\"
 
 # -- The lesson files as one download ---------------------------------------------------
 # The setup page offers what a learner runs (scripts, job templates, requirements, the

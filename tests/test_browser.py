@@ -1,7 +1,8 @@
 """What a reader sees: the built site, opened page by page in headless Chromium.
 
 Every page loads without a JavaScript error, its solutions stay folded until clicked,
-its code blocks have copy buttons, its images load and its links lead somewhere.
+its code blocks have copy buttons (which copy a command of several lines whole), its images
+load and its links lead somewhere.
 
 Chromium (Debian package `chromium`, installed by .ci/run) is driven through its
 DevTools protocol over a websocket: a JSON command goes out, a JSON answer comes back,
@@ -305,3 +306,36 @@ def test_the_checks_catch_a_broken_page(site, server, browser):
     broken = "\n".join(broken_links(found["links"], {"index.html": index}, server.base_url))
     assert "no-such-page.html: HTTP 404" in broken
     assert "no element with id 'no-such-anchor'" in broken
+
+
+def test_copy_button_copies_a_continued_command_whole(browser, server):
+    """A long command goes on over indented lines after a line that ends in a backslash.
+    A reader's click on the copy button copies all its lines without the prompt, and leaves
+    the output shown after it behind."""
+    browser.open(server.base_url + "training-pipeline.html")
+    shown = browser.evaluate(r"""(() => {
+        // The first console block with a continued command and an output line after it.
+        const pre = [...document.querySelectorAll("div.highlight-console pre")].find(p => {
+            const lines = p.textContent.split("\n");
+            return lines.some(l => l.startsWith("$ ") && l.endsWith("\\"))
+                && lines.some((l, i) => l.trim() && !l.startsWith("$ ") && !(lines[i - 1] || "").endsWith("\\"));
+        });
+        pre.closest("div.highlight").querySelector("button.copybtn").id = "copy-under-test";
+        // clipboard.js copies from a text area of its own; its value is what lands on the clipboard.
+        window.copied = [];
+        document.addEventListener("copy", event => window.copied.push(event.target.value));
+        return pre.textContent;
+    })()""")
+    browser.click("#copy-under-test")
+    for _ in range(50):
+        if browser.evaluate("window.copied.length"):
+            break
+        time.sleep(0.05)
+    # What a reader pastes: the "$ " lines less the prompt, each with the lines that continue it.
+    expected, continues = [], False
+    for line in shown.splitlines():
+        if continues or line.startswith("$ "):
+            expected.append(line if continues else line.removeprefix("$ "))
+            continues = line.endswith("\\")
+    assert 1 < len(expected) < len(shown.splitlines()), f"not a continued command with output:\n{shown}"
+    assert browser.evaluate("window.copied") == ["\n".join(expected)]

@@ -206,15 +206,24 @@ def flag_problems(parser: argparse.ArgumentParser, words: list[str]) -> list[str
 
 
 def logical_lines(path: Path):
-    """(number, line) with the lines continued by a backslash joined into their first."""
-    joined, start = "", None
+    """(number, line) with the lines continued by a backslash joined into their first.
+
+    The backslash goes, and each continued line joins with one space, without its indentation:
+    a page shows a long command over several lines, and here it reads as the one it is.
+    """
+    joined, start = None, None
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        start = start or number
-        if line.endswith("\\"):
-            joined += line[:-1] + " "
+        if joined is None:
+            joined, start = line, number
+        else:
+            joined += " " + line.lstrip()
+        if joined.endswith("\\"):
+            joined = joined[:-1].rstrip()
             continue
-        yield start, joined + line
-        joined, start = "", None
+        yield start, joined
+        joined = None
+    if joined is not None:  # the last line ends in a backslash
+        yield start, joined
 
 
 def shell_commands(root: Path):
@@ -360,14 +369,21 @@ def test_renamed_flag_is_reported_on_pages_and_in_templates(tmp_path):
     root = copy_of_repo(tmp_path)
     # The script renames --no-progress-bar; the templates and pages still pass the old name.
     replace_in(root / "examples" / "mnist_lightning.py", '"--no-progress-bar"', '"--quiet"')
-    # A page shows a flag the script never had, and a value outside a flag's choices.
-    with open(root / "content" / "setup.md", "a", encoding="utf-8") as page:
-        page.write("\n```console\n$ python examples/cifar10_lightning.py --epochs 3 --model resnet50\n```\n")
+    # A page shows a flag the script never had, and a value outside a flag's choices; then a
+    # command that goes on over two lines, with a misspelt flag on its second.
+    setup = root / "content" / "setup.md"
+    last = len(setup.read_text(encoding="utf-8").splitlines())
+    with open(setup, "a", encoding="utf-8") as page:
+        page.write("\n```console\n$ python examples/cifar10_lightning.py --epochs 3 --model resnet50\n"
+                   "$ python examples/cifar10_lightning.py --accelerator cpu \\\n    --max-epochs 1 --batchsize 32\n```\n")
 
     problems = "\n".join(unknown_flags(root))
     assert "slurm/mnist-gpu.sbatch:" in problems and "--no-progress-bar is not a flag" in problems
     assert "content/setup.md" in problems and "--epochs is not a flag" in problems
     assert "--model resnet50: not one of" in problems
+    # Reported at its first line, as the one command it is.
+    assert (f"content/setup.md:{last + 4}: $ python examples/cifar10_lightning.py --accelerator cpu --max-epochs 1 "
+            "--batchsize 32\n    --batchsize is not a flag of the script") in problems
 
 
 def test_marker_that_moved_away_is_reported(tmp_path):

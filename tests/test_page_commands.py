@@ -1,7 +1,8 @@
 """Every command a learner is asked to run in an exercise or a solution runs here.
 
 The pages show commands as `$ ...` lines of ```console blocks inside :::{exercise} and
-:::{solution}. Each page's commands run in the order the page shows them (a solution often
+:::{solution}; a long command goes on over indented lines after a line that ends in a
+backslash. Each page's commands run in the order the page shows them (a solution often
 continues the exercise's run) with bash, in a fresh folder that looks like the repository
 to the learner: examples/, slurm/ and tests/ are links, and both data/ (the scripts'
 default --data-dir) and tiny/ hold the tiny data sets.
@@ -69,7 +70,7 @@ NOT_RUN = {
 class Command:
     page: str
     line: int
-    text: str  # as shown, without the "$ "
+    text: str  # as shown, without the "$ ", its continued lines joined into one
     shown_output: list[str] = field(default_factory=list)
 
     @property
@@ -118,7 +119,7 @@ class Command:
 
     @property
     def id(self) -> str:
-        return f"{self.page.removesuffix('.md')}-{self.line}"  # e.g. ddp-311: usable in pytest -k
+        return f"{self.page.removesuffix('.md')}-{self.line}"  # the "$ " line, e.g. ddp-311: usable in pytest -k
 
 
 def page_commands(page: Path) -> list[Command]:
@@ -126,10 +127,14 @@ def page_commands(page: Path) -> list[Command]:
 
     MyST nests directives in fences of backticks (```{tab} inside ````{tabs}) or colons
     (:::{solution}); a code block nests nothing, so only its own closing fence matters.
+    A line after one that ends in a backslash continues the command: it is joined to it
+    with one space, as bash reads it, and the command keeps the line number of its "$ ".
     """
     commands, open_blocks = [], []  # open_blocks: (fence marker, name, first line)
+    continued = False  # the line before is part of a command and ends in a backslash
     for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
         stripped = line.strip()
+        joins, continued = continued, False
         top = open_blocks[-1] if open_blocks else None
         in_code = top is not None and not top[1].startswith("{")
         if m := (FENCE.match(line) or COLON_FENCE.match(line)):
@@ -146,8 +151,13 @@ def page_commands(page: Path) -> list[Command]:
         names = {name.strip("{}") for _, name, _ in open_blocks}
         if not RUN_IN & names:
             continue
-        if stripped.startswith("$ "):
-            commands.append(Command(page.name, number, stripped[2:]))
+        if joins or stripped.startswith("$ "):
+            continued = stripped.endswith("\\")
+            words = stripped.removesuffix("\\").rstrip()
+            if joins:
+                commands[-1].text += " " + words
+            else:
+                commands.append(Command(page.name, number, words[2:]))
         elif stripped and stripped not in ELLIPSIS and commands and commands[-1].line > top[2]:
             commands[-1].shown_output.append(stripped)
     # An exercise shows a command, its solution the same command with what it prints.
@@ -368,13 +378,17 @@ def test_parser_reads_commands_and_their_output(tmp_path):
     page = tmp_path / "p.md"
     page.write_text(
         "```console\n$ python examples/outside.py\n```\n\n"
-        ":::{exercise} Try\n```console\n$ python examples/a.py --x 1\nhello\n…\n$ time python examples/b.py\n```\n:::\n\n"
+        ":::{exercise} Try\n```console\n$ python examples/a.py --x 1\nhello\n…\n$ time python examples/b.py\n"
+        # A long command goes on over indented lines; the output after it is its own.
+        "$ python examples/c.py --x 1 \\\n    --y 2 \\\n    --out runs/c 2>&1 \\\n    | grep done\ndone\n```\n:::\n\n"
         ":::{solution}\n````{tabs}\n```console\n$ nano notes.txt\n```\n````\n:::\n"
     )
     found = page_commands(page)
     assert [(c.line, c.text, c.shown_output) for c in found] == [
         (7, "python examples/a.py --x 1", ["hello"]),
         (10, "time python examples/b.py", []),
-        (17, "nano notes.txt", []),
+        (11, "python examples/c.py --x 1 --y 2 --out runs/c 2>&1 | grep done", ["done"]),
+        (22, "nano notes.txt", []),
     ]
-    assert found[1].script == "b.py" and found[2].program == "nano"
+    assert found[1].script == "b.py" and found[3].program == "nano"
+    assert found[2].script == "c.py" and found[2].words[2:6] == ["--x", "1", "--y", "2"]

@@ -5,6 +5,7 @@ Sphinx runs as `python -m sphinx` under the interpreter that runs the tests, so
 `make test` checks the .venv and `make test PYTHON=python` checks your own environment.
 """
 
+import html
 import re
 import shutil
 import stat
@@ -135,6 +136,30 @@ def test_code_on_pages_comes_from_tested_files():
                 elif info not in allowed_languages:
                     problems.append(f"{where}: pasted {info} code; use literalinclude")
     assert not problems, "\n".join(problems)
+
+
+# The narrowest code block of the theme is 646 px wide, at 7.2 px per monospace character.
+CODE_BLOCK_CHARACTERS = 88
+
+
+def test_commands_fit_their_code_blocks(site):
+    """A reader sees a whole command without scrolling sideways: a longer one goes on over
+    indented lines that follow a line ending in a backslash. Output lines are as printed."""
+    result, outdir = site
+    assert result.returncode == 0, result.stderr[-5000:]
+    block = re.compile(r'<div class="highlight-console[^"]*"><div class="highlight"><pre>(.*?)</pre>', re.DOTALL)
+    too_long, commands = [], 0
+    for page in sorted(outdir.glob("*.html")):
+        for code in block.findall(page.read_text(encoding="utf-8")):
+            previous = ""
+            for line in html.unescape(re.sub(r"<[^>]+>", "", code)).splitlines():
+                if line.startswith("$ ") or previous.endswith("\\"):
+                    commands += 1
+                    if len(line) > CODE_BLOCK_CHARACTERS:
+                        too_long.append(f"{page.name}: {len(line)} characters: {line}")
+                previous = line
+    assert commands > 50, "no console commands found in the built pages"
+    assert not too_long, "split these with a backslash and indented lines:\n" + "\n".join(too_long)
 
 
 def test_strict_build_fails_on_a_missing_include(tmp_path):
