@@ -142,24 +142,32 @@ def test_code_on_pages_comes_from_tested_files():
 CODE_BLOCK_CHARACTERS = 88
 
 
-def test_commands_fit_their_code_blocks(site):
-    """A reader sees a whole command without scrolling sideways: a longer one goes on over
-    indented lines that follow a line ending in a backslash. Output lines are as printed."""
+def test_code_fits_its_code_block(site):
+    """A reader sees every line of code without scrolling sideways: included files are wrapped
+    at CODE_BLOCK_CHARACTERS, and a longer command goes on over indented lines that follow a
+    line ending in a backslash. What a program prints (console output) is shown as printed."""
     result, outdir = site
     assert result.returncode == 0, result.stderr[-5000:]
-    block = re.compile(r'<div class="highlight-console[^"]*"><div class="highlight"><pre>(.*?)</pre>', re.DOTALL)
-    too_long, commands = [], 0
+    block = re.compile(r'<div class="highlight-(\w+)[^"]*"><div class="highlight"><pre>(.*?)</pre>', re.DOTALL)
+    too_long, counted = [], {"code": 0, "command": 0}
     for page in sorted(outdir.glob("*.html")):
-        for code in block.findall(page.read_text(encoding="utf-8")):
+        for language, code in block.findall(page.read_text(encoding="utf-8")):
             previous = ""
             for line in html.unescape(re.sub(r"<[^>]+>", "", code)).splitlines():
-                if line.startswith("$ ") or previous.endswith("\\"):
-                    commands += 1
-                    if len(line) > CODE_BLOCK_CHARACTERS:
-                        too_long.append(f"{page.name}: {len(line)} characters: {line}")
+                if language != "console":
+                    kind = "code"
+                elif line.startswith("$ ") or previous.endswith("\\"):
+                    kind = "command"
+                else:
+                    kind = None  # output
                 previous = line
-    assert commands > 50, "no console commands found in the built pages"
-    assert not too_long, "split these with a backslash and indented lines:\n" + "\n".join(too_long)
+                if kind:
+                    counted[kind] += 1
+                    if len(line) > CODE_BLOCK_CHARACTERS:
+                        too_long.append(f"{page.name}: {kind}, {len(line)} characters: {line}")
+    assert counted["code"] > 500 and counted["command"] > 50, f"too little code found: {counted}"
+    assert not too_long, ("wrap these (a command: with a backslash and indented lines):\n"
+                          + "\n".join(too_long))
 
 
 def test_strict_build_fails_on_a_missing_include(tmp_path):
