@@ -214,7 +214,7 @@ class LitClassifier(L.LightningModule):
         self.net = MODELS[model]()
         # channels_last lets cuDNN use its fastest convolution kernels on tensor cores.
         self.net = self.net.to(memory_format=torch.channels_last)
-        # Buffers move to the device with the model; not persistent: not in checkpoints.
+        # Buffers follow the model to its device; persistent=False: not in checkpoints.
         mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
@@ -337,8 +337,7 @@ class RequeueOnSignal(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.check_every_n_steps:
             return
-        # A collective: every rank calls it at the same step. True if any rank was
-        # signalled.
+        # A collective (all ranks call it at this step): True if any was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         root = Path(trainer.default_root_dir)

@@ -195,8 +195,7 @@ class RequeueOnSignal(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.check_every_n_steps:
             return
-        # A collective: every rank calls it at the same step. True if any rank was
-        # signalled.
+        # A collective (all ranks call it at this step): True if any was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
         root = Path(trainer.default_root_dir)
