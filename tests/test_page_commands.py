@@ -75,7 +75,12 @@ class Command:
 
     @property
     def words(self) -> list[str]:
-        words = shlex.split(self.text.split(">")[0])
+        """The command's own words: those before its first redirection (2>&1, >) or pipe."""
+        words = []
+        for word in shlex.split(self.text):
+            if re.match(r"\d*>|&>|\|", word):
+                break
+            words.append(word)
         return words[1:] if words[:1] == ["time"] else words
 
     @property
@@ -391,4 +396,4 @@ def test_parser_reads_commands_and_their_output(tmp_path):
         (22, "nano notes.txt", []),
     ]
     assert found[1].script == "b.py" and found[3].program == "nano"
-    assert found[2].script == "c.py" and found[2].words[2:6] == ["--x", "1", "--y", "2"]
+    assert found[2].script == "c.py" and found[2].words[2:] == ["--x", "1", "--y", "2", "--out", "runs/c"]
