@@ -330,7 +330,9 @@ class RequeueOnSignal(L.Callback):
         self.check_every_n_steps = check_every_n_steps
         self.signalled = False
 
-    def on_train_start(self, trainer, pl_module):
+    def setup(self, trainer, pl_module, stage):
+        # Before any DataLoader worker starts: SLURM signals every process of the job
+        # step, and a worker forked without this handler would die of SIGUSR1.
         signal.signal(signal.SIGUSR1,
                       lambda signum, frame: setattr(self, "signalled", True))
 

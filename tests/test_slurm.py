@@ -287,12 +287,14 @@ def test_task_count_that_does_not_match_devices_stops_with_one_clear_line(
 def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluster, job_env, mnist_dir, tmp_path):
     # Two DDP ranks, as the template asks for: the signal may reach them at different
     # moments, and the scripts' RequeueOnSignal makes them save together between steps.
+    # Each rank has DataLoader workers, as on a GPU: SLURM signals every process of the
+    # job step, the workers too, and a worker that does not expect SIGUSR1 dies of it.
     out = tmp_path / "run"
     epochs, batch = 20, 8
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
     job, _ = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
                     "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
-                    opts=["--cpus-per-task=1"], wait=False)
+                    "--num-workers", 1, opts=["--cpus-per-task=1"], wait=False)
     try:
         # The first epoch's checkpoint: training is under way and the signal handlers are set.
         poll("the first epoch's checkpoint", (out / "checkpoints" / "last.ckpt").exists, timeout=90)
