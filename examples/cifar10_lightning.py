@@ -304,9 +304,16 @@ def wrap_policy(name: str, min_params: int):
 def build_strategy(args):
     if args.strategy != "fsdp":
         return args.strategy
+    mesh = None
+    if args.sharding == "HYBRID_SHARD":
+        # Shard within a node, replicate across nodes. Name the layout: otherwise torch
+        # takes every GPU it can see for one node, whatever --devices says.
+        devices = torch.cuda.device_count() if args.devices == "auto" else args.devices
+        mesh = (args.num_nodes, devices)
     return FSDPStrategy(
         auto_wrap_policy=wrap_policy(args.wrap_policy, args.min_params),
         sharding_strategy=args.sharding,
+        device_mesh=mesh,
         activation_checkpointing_policy=(ModuleWrapPolicy({BasicBlock, ConvBlock})
                                          if args.activation_checkpointing else None),
         # "full": one file; "sharded": a folder with one piece per rank.

@@ -236,3 +236,16 @@ def test_wrap_policy_size_wraps_the_smallest_large_enough_subtrees(gloo_group, m
     units = fsdp_units(module.MODELS[model_name](), module.wrap_policy("size", min_params))
     assert set(units) - {""} == expected
     assert expected  # the rule does pick something in both models
+
+
+@pytest.mark.parametrize("wrap", ["none", "block"])
+def test_hybrid_shard_is_told_the_nodes_by_devices_layout(wrap):
+    # Without a device mesh, Lightning refuses HYBRID_SHARD with no wrap policy (a raw
+    # RuntimeError), and torch takes every visible GPU for one node.
+    module = load_example("cifar10_lightning")
+    args = module.parse_args(["--accelerator", "cpu", "--num-nodes", "2", "--devices", "4"])
+    args.strategy, args.wrap_policy, args.sharding = "fsdp", wrap, "HYBRID_SHARD"
+    strategy = module.build_strategy(args)
+    assert strategy.kwargs["device_mesh"] == (2, 4)  # (replicas: nodes, shards: devices)
+    args.sharding = "FULL_SHARD"
+    assert "device_mesh" not in module.build_strategy(args).kwargs
