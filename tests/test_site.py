@@ -5,12 +5,14 @@ Sphinx runs as `python -m sphinx` under the interpreter that runs the tests, so
 `make test` checks the .venv and `make test PYTHON=python` checks your own environment.
 """
 
+import ast
 import html
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -168,6 +170,26 @@ def test_code_fits_its_code_block(site):
     assert counted["code"] > 500 and counted["command"] > 50, f"too little code found: {counted}"
     assert not too_long, ("wrap these (a command: with a backslash and indented lines):\n"
                           + "\n".join(too_long))
+
+
+def test_python_listings_are_whole_statements(site):
+    """An included region that starts or ends inside a statement (a :start-at:/:end-at:
+    left behind when a script's lines moved) shows code that is not Python: every Python
+    listing on the pages must parse on its own."""
+    result, outdir = site
+    assert result.returncode == 0, result.stderr[-5000:]
+    block = re.compile(r'<div class="highlight-python[^"]*"><div class="highlight"><pre>(.*?)</pre>', re.DOTALL)
+    broken, count = [], 0
+    for page in sorted(outdir.glob("*.html")):
+        for code in block.findall(page.read_text(encoding="utf-8")):
+            text = textwrap.dedent(html.unescape(re.sub(r"<[^>]+>", "", code)))
+            count += 1
+            try:
+                ast.parse(text)
+            except SyntaxError as error:
+                broken.append(f"{page.name}: {error.msg}, in:\n{textwrap.indent(text, '    ')}")
+    assert count > 20, f"only {count} Python listings found"
+    assert not broken, "listings that are not whole Python statements:\n" + "\n".join(broken)
 
 
 def test_strict_build_fails_on_a_missing_include(tmp_path):
