@@ -541,8 +541,12 @@ def parse_args(argv=None):
     if args.strategy == "fsdp" and on_cpu:
         parser.error("--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); "
                      "use --strategy ddp on CPU")
-    if args.precision is None:
-        args.precision = "32-true" if on_cpu else "bf16-mixed"
+    if args.precision is None and on_cpu:
+        args.precision = "32-true"
+    elif args.precision is None:
+        # bfloat16 needs an Ampere GPU (A100) or newer; older ones (V100) get float16.
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        args.precision = "bf16-mixed" if bf16 else "16-mixed"
     if args.num_workers is None:
         # Workers prepare batches while a GPU computes. On a CPU they would compete
         # with the training for the same cores, and starting them next to DDP's

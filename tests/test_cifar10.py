@@ -249,3 +249,15 @@ def test_hybrid_shard_is_told_the_nodes_by_devices_layout(wrap):
     assert strategy.kwargs["device_mesh"] == (2, 4)  # (replicas: nodes, shards: devices)
     args.sharding = "FULL_SHARD"
     assert "device_mesh" not in module.build_strategy(args).kwargs
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16-mixed"), (False, "16-mixed")])
+def test_default_precision_follows_what_the_gpu_computes_in(monkeypatch, bf16, expected):
+    # A GPU without bfloat16 arithmetic (a V100) gets float16; the check runs without a GPU
+    # by answering torch's two questions here.
+    module = load_example("cifar10_lightning")
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module.torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert module.parse_args([]).precision == expected
+    assert module.parse_args(["--precision", "32-true"]).precision == "32-true"
+    assert module.parse_args(["--accelerator", "cpu"]).precision == "32-true"
