@@ -13,6 +13,7 @@ missing. No GPU is not a problem: most episodes run on a CPU.
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import platform
 import re
@@ -24,7 +25,10 @@ HERE = Path(__file__).resolve().parent
 REQUIREMENTS = HERE.parent / "requirements.txt"
 MIN_PYTHON = (3, 10)
 # Import names; pip's names are the same. tensorboard: the CIFAR-10 script logs to it.
-PACKAGES = ["torch", "torchvision", "lightning", "torchmetrics", "tensorboard"]
+# jsonargparse: LightningCLI (mnist_cli.py) builds its parser with it.
+PACKAGES = ["torch", "torchvision", "lightning", "torchmetrics", "tensorboard", "jsonargparse"]
+# pip's extras that LightningCLI needs too, as requirements.txt writes them.
+EXTRAS = {"jsonargparse": "[signatures]"}
 # torchvision's own layouts, uncompressed: what the scripts read.
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -60,10 +64,39 @@ def read_ranges(path: Path) -> dict:
     """{'torch': '>=2.11,<2.15', ...} for the checked packages, from requirements.txt."""
     ranges = {}
     for line in path.read_text().splitlines():
-        match = re.match(r"\s*([A-Za-z0-9_.-]+)\s*([<>=!~][^#;]*)", line)
+        # The name, any extras ('jsonargparse[signatures]'), then the range.
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[[^\]]*\])?\s*([<>=!~][^#;]*)", line)
         if match and match.group(1).lower() in PACKAGES:
             ranges[match.group(1).lower()] = match.group(2).replace(" ", "")
     return ranges
+
+
+def pip_name(name: str) -> str:
+    """The name to give pip: 'jsonargparse' -> 'jsonargparse[signatures]'."""
+    return name + EXTRAS.get(name, "")
+
+
+def missing_extras(name: str) -> list:
+    """The packages of `name`'s extras (EXTRAS) that are not installed, by pip name."""
+    extras = re.findall(r"[\w.-]+", EXTRAS.get(name, ""))
+    try:
+        requires = importlib.metadata.requires(name) or []
+    except importlib.metadata.PackageNotFoundError:
+        return []  # imported but not installed by pip (e.g. a module's path): cannot tell
+    missing = []
+    for requirement in requires:
+        # e.g. 'docstring-parser>=0.17; extra == "signatures"'
+        marker = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+        if not marker or marker.group(1) not in extras:
+            continue
+        needed = re.match(r"\s*([A-Za-z0-9_.-]+)", requirement).group(1)
+        if needed.lower() == name:
+            continue  # the package itself with another extra
+        try:
+            importlib.metadata.distribution(needed)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(needed)
+    return missing
 
 
 def release(version: str) -> tuple:
@@ -103,7 +136,8 @@ def check_packages(report: Report):
         install = f"pip install -r {os.path.relpath(REQUIREMENTS)}"
     else:
         ranges = {}
-        install = "pip install " + " ".join(PACKAGES)
+        install = "pip install " + " ".join(
+            f'"{pip_name(name)}"' if name in EXTRAS else name for name in PACKAGES)
         report.note("no requirements.txt next to examples/: versions are not checked against the lesson's ranges")
 
     modules = {}
@@ -119,12 +153,18 @@ def check_packages(report: Report):
         spec = ranges.get(name)
         verdict = range_verdict(version, spec) if spec and version != "unknown" else "ok"
         supported = f" (supported: {spec})" if spec else ""
+        missing = missing_extras(name)
         if verdict == "too old":
-            report.problem(f"{name} {version} is older than the lesson supports{supported}",
-                           f'pip install "{name}{spec}"')
+            fix = f'pip install "{pip_name(name)}{spec}"'
+            if name in ("torch", "torchvision"):  # pip's build would hide the module's
+                fix += " (on a cluster with a PyTorch module: load a newer module instead)"
+            report.problem(f"{name} {version} is older than the lesson supports{supported}", fix)
+        elif missing:
+            report.problem(f"{name} {version} lacks its {EXTRAS[name]} extra (missing: {', '.join(missing)})",
+                           f'pip install "{pip_name(name)}{spec or ""}"')
         elif verdict == "too new":
             report.note(f"{name} {version} is newer than the lesson was tested with{supported}; it will probably work",
-                        f'if something fails, install a tested version: pip install "{name}{spec}"')
+                        f'if something fails, install a tested version: pip install "{pip_name(name)}{spec}"')
         else:
             report.ok(f"{name} {version}{supported}")
     return modules.get("torch")

@@ -138,7 +138,7 @@ def main(argv=None):
         val_loss, val_acc = evaluate(model, val_loader, device)
         print(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
               f"val_acc {val_acc:.4f}  ({time.perf_counter() - start:.1f} s)")
-        if val_acc > best_acc:  # keep the best model, and enough to resume training
+        if val_acc > best_acc:  # the best model and the optimizer state a resume needs
             best_acc = val_acc
             torch.save({"epoch": epoch, "model": model.state_dict(),
                         "optimizer": optimizer.state_dict()}, output_dir / "best.pt")

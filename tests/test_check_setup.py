@@ -1,14 +1,19 @@
 """The setup check, run as a learner runs it before the workshop."""
 
+import importlib.util
 import os
 
-from conftest import run_script
+import pytest
+
+from conftest import REPO, load_example, run_script
 from tiny_data import write_tiny_cifar10, write_tiny_mnist
 
 # Hide any real SLURM job the tests might run in: the script treats empty as unset.
 NO_SLURM = {name: "" for name in os.environ if name.startswith("SLURM_")}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jsonargparse") is None,
+                    reason="the check needs jsonargparse (LightningCLI), which is not installed here")
 def test_ready_when_both_datasets_are_present(tmp_path):
     data = write_tiny_cifar10(write_tiny_mnist(tmp_path / "data"))
     result = run_script("check_setup.py", "--data-dir", data, env=NO_SLURM)
@@ -16,11 +21,32 @@ def test_ready_when_both_datasets_are_present(tmp_path):
     assert f"ok       MNIST in {data / 'MNIST' / 'raw'}" in result.stdout
     assert f"ok       CIFAR-10 in {data / 'cifar-10-batches-py'}" in result.stdout
     # Versions are read and checked against requirements.txt next to examples/.
-    for package in ("torch", "torchvision", "lightning", "torchmetrics"):
+    for package in ("torch", "torchvision", "lightning", "torchmetrics", "jsonargparse"):
         assert f"ok       {package} " in result.stdout
     assert "(supported: >=" in result.stdout
     assert "Ready for the lesson." in result.stdout
     assert "PROBLEM" not in result.stdout
+
+
+def test_a_requirement_with_extras_is_read_and_its_extras_are_checked(monkeypatch):
+    check_setup = load_example("check_setup")
+    # requirements.txt: jsonargparse[signatures]>=4.39,<5  # for LightningCLI ...
+    assert check_setup.read_ranges(REPO / "requirements.txt")["jsonargparse"] == ">=4.39,<5"
+    assert check_setup.pip_name("jsonargparse") == "jsonargparse[signatures]"
+    # jsonargparse installed without its "signatures" extra: docstring-parser is missing.
+    requires = ['docstring-parser>=0.17; extra == "signatures"',
+                'jsonargparse[typing-extensions]; extra == "signatures"',
+                'ruyaml>=0.20; extra == "ruyaml"']
+    metadata = check_setup.importlib.metadata
+
+    def distribution(name):
+        if name == "docstring-parser":
+            raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "requires", lambda name: requires)
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    assert check_setup.missing_extras("jsonargparse") == ["docstring-parser"]
+    assert check_setup.missing_extras("torch") == []  # no extras asked for
 
 
 def test_missing_data_fails_and_prints_the_download_command(tmp_path):
