@@ -585,12 +585,15 @@ def main(argv=None):
         model.net.compile(mode=args.compile_mode)
 
     # The best epoch so far (what we test) and the latest one (what --resume resumes).
+    # Both save right after validation, best first: last.ckpt then records this
+    # epoch's best, which --resume needs to keep the true best checkpoint.
     best_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints",
                                 filename="best-{epoch}-{val_acc:.4f}",
-                                monitor="val_acc", mode="max")
+                                monitor="val_acc", mode="max",
+                                save_on_train_epoch_end=False)
     last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last",
                                 enable_version_counter=False,
-                                save_on_train_epoch_end=False)  # saved after validation
+                                save_on_train_epoch_end=False)
     # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
     callbacks = [] if args.fast_dev_run else [best_ckpt, last_ckpt]
     callbacks.append(LearningRateMonitor(logging_interval="step"))

@@ -138,3 +138,20 @@ def test_default_workers_none_on_a_cpu_and_up_to_the_cpus_on_a_gpu(script, monke
     assert module.parse_args([]).num_workers == min(most, 2)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     assert module.parse_args([]).num_workers == 0
+
+
+@pytest.mark.parametrize("script", ["mnist_lightning.py", "cifar10_lightning.py"])
+def test_last_checkpoint_records_the_best_checkpoint_of_its_own_epoch(mnist_dir, cifar_dir, tmp_path, script):
+    # --resume restores the best-checkpoint bookkeeping from last.ckpt. If last.ckpt were
+    # written before the best checkpoint of the same epoch, it would record the epoch before,
+    # and a resumed run would keep (and might test) a checkpoint that is not the best.
+    out = tmp_path / "run"
+    data = mnist_dir if script.startswith("mnist") else cifar_dir
+    result = run_script(script, "--data-dir", data, "--output-dir", out, *CPU, "--max-epochs", 1,
+                        "--batch-size", BATCH, "--no-progress-bar")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    [best] = [state for key, state in ckpt["callbacks"].items() if "'monitor': 'val_acc'" in key]
+    [best_file] = (out / "checkpoints").glob("best-epoch=0-*.ckpt")
+    assert best["best_model_path"] == str(best_file)
+    assert best["best_model_score"] == pytest.approx(last_value(read_metrics(out), "val_acc"))
