@@ -5,8 +5,9 @@ CIFAR-10's shape (the speed does not depend on what the pixels show):
 
 - a plain PyTorch loop over images already on the GPU: the reference;
 - the Lightning script's own path (training images on the GPU, batch augmentation there);
-- the knobs the lesson discusses: fp32 vs bf16, torch.compile, the progress bar,
-  DDP and FSDP on one device, the classic per-image PIL pipeline;
+- the knobs the lesson discusses: fp32 vs bf16, channels_last, torch.compile (default and
+  max-autotune), the progress bar and the logger, the data in host memory, DDP and FSDP on
+  one device, the classic per-image PIL pipeline;
 - the MNIST script's epoch time against a plain loop over GPU tensors.
 
     python benchmark.py                     # on a GPU: the full set, a few minutes
@@ -46,12 +47,15 @@ def sync(device):
 
 # --------------------------------------------------------------- plain PyTorch
 
-def plain_cifar_loop(cfg, images, labels, precision="bf16", compile_mode=None) -> float:
+def plain_cifar_loop(cfg, images, labels, precision="bf16", compile_mode=None,
+                     channels_last=True) -> float:
     """The reference: the same model, augmentation, optimiser and schedule, written by hand."""
     device = cfg.device
     torch.manual_seed(0)
-    net = cifar.MODELS[cfg.model]().to(device, memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    net = cifar.MODELS[cfg.model]().to(device, memory_format=layout)
     if compile_mode:
+        torch._dynamo.reset()  # compile afresh, not from an earlier row's cache
         net.compile(mode=compile_mode)
     mean = torch.tensor(cifar.CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(cifar.CIFAR10_STD, device=device).view(1, 3, 1, 1)
@@ -68,7 +72,7 @@ def plain_cifar_loop(cfg, images, labels, precision="bf16", compile_mode=None) -
             start = time.perf_counter()
         idx = order[(step * cfg.batch) % (len(order) - cfg.batch):][: cfg.batch]
         x = cifar.random_crop_flip(images[idx])
-        x = ((x.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = ((x.float() - mean) / std).contiguous(memory_format=layout)
         with autocast:
             loss = F.cross_entropy(net(x), labels[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -101,8 +105,11 @@ class Throughput(Callback):
 
     def __init__(self, warmup, batch):
         self.warmup, self.batch = warmup, batch
-        self.start = self.end = None
+        self.train_start = self.start = self.end = None
         self.steps = 0
+
+    def on_train_start(self, trainer, pl_module):
+        self.train_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.start is None:
@@ -118,17 +125,25 @@ class Throughput(Callback):
     def images_per_s(self):
         return self.steps * self.batch / (self.end - self.start)
 
+    @property
+    def warmup_seconds(self):
+        """The warm-up steps, with whatever they include (compiling, cuDNN's autotuning)."""
+        return self.start - self.train_start
+
 
 def lightning_cifar(cfg, images, labels, precision="bf16-mixed", strategy="auto", progress=None,
-                    logger=True, compile_mode=None, wrap="block", num_workers=None, data_on_device=None) -> float:
-    """The script's LightningModule and data module under a Trainer, as cifar10_lightning.py builds it."""
+                    logger=True, compile_mode=None, wrap="block", num_workers=None, data_on_device=None,
+                    timer=None) -> float:
+    """The script's LightningModule and data module under a Trainer, as cifar10_lightning.py builds it.
+    Pass a Throughput as timer to read more than the images/s afterwards."""
     L.seed_everything(0, verbose=False)
     model = cifar.LitClassifier(cfg.model, lr=0.05)
     if compile_mode:
+        torch._dynamo.reset()  # compile afresh: the warm-up then includes all of it
         model.net.compile(mode=compile_mode)
     workers = cfg.workers if num_workers is None else num_workers
     data = SyntheticCIFAR10(images, labels, cfg.batch, workers, data_on_device)
-    timer = Throughput(cfg.warmup, cfg.batch)
+    timer = timer or Throughput(cfg.warmup, cfg.batch)
     callbacks = [timer] + ([TQDMProgressBar(refresh_rate=progress)] if progress else [])
     if strategy == "fsdp":
         strategy = cifar.build_strategy(types.SimpleNamespace(
@@ -155,7 +170,9 @@ def loader_alone(cfg, images, labels) -> float:
             yield from loader
 
     batches = endless()
-    for _ in range(min(cfg.warmup, 5)):
+    # Workers prepare prefetch_factor (2) batches each before the first is asked for:
+    # take those first, so that the clock sees only batches made while it runs.
+    for _ in range(max(5, 2 * cfg.workers)):
         next(batches)
     start, n = time.perf_counter(), 0
     for _ in range(cfg.steps):
@@ -189,9 +206,17 @@ class PILImages(torch.utils.data.Dataset):
 def classic_pipeline(cfg, images, labels, workers) -> float:
     loader = DataLoader(PILImages(images, labels), batch_size=cfg.batch, shuffle=True, num_workers=workers,
                         persistent_workers=workers > 0, drop_last=True)
-    batches = iter(loader)
-    next(batches)  # start the workers outside the timing
-    steps = max(cfg.steps // 4, 3)
+
+    def endless():
+        while True:
+            yield from loader
+
+    batches = endless()
+    # Start the workers and take the batches they prefetched (2 each) outside the timing:
+    # counting those would overstate the pipeline's speed by up to a fifth with 15 workers.
+    for _ in range(1 + 2 * workers):
+        next(batches)
+    steps = max(cfg.steps // 4, 4 * workers, 3)  # several rounds of every worker
     start = time.perf_counter()
     for _ in range(steps):
         next(batches)
@@ -271,7 +296,7 @@ def main(argv=None):
                         help="default: resnet18, or cnn with --small")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 512, or 32 with --small")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 150, or 5 with --small)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "plain-compile", "fsdp", "classic", "mnist"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "plain-compile", "max-autotune", "fsdp", "classic", "mnist"],
                         help="leave out slow groups")
     parser.add_argument("--out", default="benchmark-results", help="folder for results.json/.csv/.svg")
     args = parser.parse_args(argv)
@@ -316,6 +341,8 @@ def main(argv=None):
            plain_cifar_loop(cfg, images, labels, "bf16" if device.type == "cuda" else "fp32"))
     if device.type == "cuda":
         record("precision", "plain loop, fp32 (TF32 matmuls)", plain_cifar_loop(cfg, images, labels, "fp32"))
+        record("layout", "plain loop, bf16, without channels_last",
+               plain_cifar_loop(cfg, images, labels, "bf16", channels_last=False))
     record("lightning", "script path (progress bar every 10 steps)",
            lightning_cifar(cfg, images, labels, bf16, progress=10))
     record("lightning", "no progress bar", lightning_cifar(cfg, images, labels, bf16))
@@ -327,7 +354,7 @@ def main(argv=None):
     record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
     if "fsdp" not in skip:
         for wrap in ("none", "block", "size"):
-            record("strategy", f"FSDP on one device, wrap policy {wrap}",
+            record("strategy", f"FSDP on one device (runs as NO_SHARD), wrap policy {wrap}",
                    lightning_cifar(cfg, images, labels, bf16, strategy="fsdp", wrap=wrap))
     record("data", "script's DataLoader alone (uint8, no training)", loader_alone(cfg, images, labels))
     if "classic" not in skip:
@@ -340,12 +367,19 @@ def main(argv=None):
         record("mnist", "mnist_lightning.py path, one epoch", mnist_epoch_seconds(cfg, True), "s")
         record("mnist", "mnist_lightning.py path, no loader workers", mnist_epoch_seconds(cfg, True, 0), "s")
     if "compile" not in skip:
-        start = time.perf_counter()
+        timer = Throughput(cfg.warmup, cfg.batch)
         record("compile", "script path + --compile", lightning_cifar(cfg, images, labels, bf16, progress=10,
-                                                                      compile_mode="default"))
-        record("compile", "script path + --compile: warm-up incl. compiling", time.perf_counter() - start, "s")
+                                                                      compile_mode="default", timer=timer))
+        record("compile", f"script path + --compile: first {cfg.warmup} steps incl. compiling",
+               timer.warmup_seconds, "s")
     if not {"compile", "plain-compile"} & skip:
         record("compile", "plain loop + torch.compile", plain_cifar_loop(cfg, images, labels, "bf16", "default"))
+    if not {"compile", "max-autotune"} & skip:  # the slowest row of all: last
+        timer = Throughput(cfg.warmup, cfg.batch)
+        record("compile", "script path + --compile --compile-mode max-autotune",
+               lightning_cifar(cfg, images, labels, bf16, progress=10, compile_mode="max-autotune", timer=timer))
+        record("compile", f"script path + max-autotune: first {cfg.warmup} steps incl. compiling",
+               timer.warmup_seconds, "s")
 
     for name, ratio in report["ratios"].items():
         print(f"ratio      {name:<46} {ratio:>12.2f}")
@@ -360,6 +394,8 @@ RATIOS = {
     "host_memory_loader_vs_data_on_device": ("script with --no-data-on-device (host memory)",
                                              "script path (progress bar every 10 steps)"),
     "compiled_script_vs_plain": ("script path + --compile", "reference"),
+    "max_autotune_script_vs_plain": ("script path + --compile --compile-mode max-autotune", "reference"),
+    "channels_last_vs_contiguous": ("reference", "plain loop, bf16, without channels_last"),
     "mnist_lightning_epoch_vs_plain": ("mnist_lightning.py path, one epoch",
                                        "plain loop over tensors on the device, one epoch"),
     "mnist_no_workers_epoch_vs_plain": ("mnist_lightning.py path, no loader workers",
@@ -393,7 +429,8 @@ def plot(report, path):
         return
     rows = [r for r in report["results"] if r["unit"] == "images/s"]
     fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.2))
-    colours = {"reference": "#444444", "precision": "#8c6d31", "lightning": "#3b6ea5", "strategy": "#b5533c",
+    colours = {"reference": "#444444", "precision": "#8c6d31", "layout": "#8c6d31", "lightning": "#3b6ea5",
+               "strategy": "#b5533c",
                "data": "#6b8e23", "compile": "#7b4ea3"}
     ax.barh([r["name"] for r in rows], [r["value"] for r in rows], color=[colours.get(r["group"], "grey") for r in rows])
     ax.invert_yaxis()
