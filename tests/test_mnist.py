@@ -133,6 +133,7 @@ def test_default_workers_none_on_a_cpu_and_up_to_the_cpus_on_a_gpu(script, monke
     assert module.parse_args(["--accelerator", "cpu", "--num-workers", "3"]).num_workers == 3
     # On a GPU node with 8 cores (pretended), in a task of 3: workers, and a CPU left for training.
     monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module.torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert module.parse_args([]).num_workers == min(most, 2)
