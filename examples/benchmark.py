@@ -330,9 +330,13 @@ def main(argv=None):
               "results": [], "ratios": {}}
     results = report["results"]
 
+    last_row = [time.perf_counter()]
+
     def record(group, name, value, unit="images/s"):
         results.append({"group": group, "name": name, "value": round(value, 3 if unit == "s" else 0), "unit": unit})
-        print(f"{group:<10} {name:<46} {value:>12,.{3 if unit == 's' else 0}f} {unit}", flush=True)
+        took, last_row[0] = time.perf_counter() - last_row[0], time.perf_counter()  # to plan a GPU booking
+        print(f"{group:<10} {name:<46} {value:>12,.{3 if unit == 's' else 0}f} {unit:<8} (row took {took:.0f} s)",
+              flush=True)
         report["ratios"] = ratios_of(results)
         write_results(report, out)  # after every row: a run that is cut short keeps what it measured
 
