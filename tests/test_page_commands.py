@@ -119,6 +119,11 @@ class Command:
         return tuple(kept)
 
     @property
+    def output_dir(self) -> str | None:
+        words = self.words
+        return words[words.index("--output-dir") + 1] if "--output-dir" in words[:-1] else None
+
+    @property
     def expects_error(self) -> bool:
         return any("error:" in line for line in self.shown_output)
 
@@ -200,11 +205,21 @@ class PageFolder:
         self.page_commands = [c for c in RUNNABLE if c.page == page]
         self.results: dict[int, subprocess.CompletedProcess] = {}
 
+    def continues_earlier(self, command: Command) -> bool:
+        """Whether a command may build on the page's earlier ones: it does unless it writes
+        to an output folder that no earlier command uses, and resumes nothing."""
+        if command.output_dir is None or "--resume" in command.words:
+            return True
+        return any(c.output_dir == command.output_dir for c in self.page_commands if c.line < command.line)
+
     def run(self, command: Command) -> subprocess.CompletedProcess:
-        # Run the page's earlier commands first: a later one may continue their runs.
+        # Run the page's earlier commands first: a later one may continue their runs. (When
+        # one command is picked, e.g. a GPU command by -m gpu, a run of its own skips them.)
         for earlier in self.page_commands:
             if earlier.line > command.line:
                 break
+            if earlier is not command and not self.continues_earlier(command):
+                continue
             if earlier.line not in self.results and earlier.gpus_needed <= gpus():
                 # Pages often show a command for the real data and then the same one for the
                 # tiny data; here both folders hold the tiny data, so run it once.
@@ -232,7 +247,8 @@ class PageFolder:
         env = {**learner_environ(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                # `python` in a command is the interpreter running these tests.
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-        return run_command(["bash", "-c", text], self.root, env, timeout=300)
+        # pipefail: a script that fails in `python … | grep …` fails the command, as it should.
+        return run_command(["bash", "-o", "pipefail", "-c", text], self.root, env, timeout=300)
 
 
 def matches(shown: str, printed: str) -> bool:
@@ -337,6 +353,42 @@ def test_ddp_exercise_2_keeps_or_scales_the_batch(folders):
 def test_resume_exercise_reports_four_epochs_of_tiny_data(folders):
     page = folders("training-pipeline.md")
     assert steps(page.result_of("--max-epochs 4 --output-dir runs/ex2 --resume")) == 56  # as the solution says
+
+
+@pytest.mark.xdist_group("training-pipeline.md")
+def test_refused_resume_leaves_an_almost_empty_log_folder(folders):
+    page = folders("training-pipeline.md")
+    [refused] = [c for c in page.page_commands if "--max-epochs 6 --output-dir runs/ex2 --resume" in c.text]
+    assert page.run(refused).returncode != 0
+    assert (page.root / "runs" / "ex2" / "logs" / "version_2").is_dir()  # as the solution says
+
+
+@pytest.mark.xdist_group("training-pipeline.md")
+def test_early_stopping_exercise_stops_two_epochs_after_full_accuracy(folders):
+    page = folders("training-pipeline.md")
+    curves = {}
+    for name in ("ex3-clip", "ex3"):
+        page.result_of(f"--output-dir runs/{name}")
+        curves[name] = [float(r["val_acc"]) for r in read_metrics(page.root / "runs" / name) if r.get("val_acc")]
+        assert 1.0 in curves[name], curves[name]
+        # Nothing beats 1.0: patience 2 ends the run two epochs after it first gets there.
+        assert len(curves[name]) == curves[name].index(1.0) + 3, curves[name]
+    assert curves["ex3-clip"] != curves["ex3"]  # clipping changed the run
+
+
+@pytest.mark.xdist_group("performance.md")
+def test_profiler_exercise_reports_after_fit_and_after_test(folders):
+    page = folders("performance.md")
+    for fragment in ("--output-dir runs/prof 2>&1", "--output-dir runs/prof2 --num-workers 2 2>&1"):
+        lines = page.result_of(fragment).stdout.splitlines()
+        for row in ("run_training_batch", "train_dataloader_next"):
+            assert sum(row in line for line in lines) == 2, lines  # once after fit, once after test
+
+
+@pytest.mark.xdist_group("fsdp.md")
+def test_wrap_policy_exercise_runs_the_six_tests_the_solution_names(folders):
+    page = folders("fsdp.md")
+    assert "6 passed" in page.result_of("-k wrap_policy -v").stdout
 
 
 @pytest.mark.xdist_group("performance.md")
