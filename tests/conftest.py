@@ -91,9 +91,9 @@ def finished_steps(output: str) -> int:
     """The step count the scripts print last: 'finished after N training steps'."""
     import re
 
-    match = re.search(r"finished after (\d+) training steps", output)
-    assert match, f"no 'finished after' line in:\n{output[-3000:]}"
-    return int(match.group(1))
+    found = re.findall(r"finished after (\d+) training steps", output)
+    assert found, f"no 'finished after' line in:\n{output[-3000:]}"
+    return int(found[-1])
 
 
 def load_example(name: str):

@@ -24,12 +24,19 @@ print("python", platform.python_version(), "torch", torch.__version__, "torchvis
       "lightning", lightning.__version__, "torchmetrics", tm.__version__)'
 } > "$out/env.txt" 2>&1
 
+# Without a GPU every part below would skip or fall back to --small and still exit 0.
+if ! python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+    echo "error: PyTorch sees no GPU here; see $out/env.txt" | tee -a "$out/env.txt" >&2
+    exit 1
+fi
+
 timeout -k 10 "${BENCHMARK_SECONDS:-330}" python3 examples/benchmark.py --out "$out/benchmark" \
     > "$out/benchmark.log" 2>&1
 echo "benchmark.py exit status $?" >> "$out/benchmark.log"
 
 # The performance page's GPU command is left out: it is the benchmark run above.
-timeout -k 10 "${TESTS_SECONDS:-240}" python3 -m pytest -v -p no:cacheprovider -m gpu \
+# -rs lists every skipped test and why (a test that needs more GPUs than this machine has).
+timeout -k 10 "${TESTS_SECONDS:-240}" python3 -m pytest -v -rs -p no:cacheprovider -m gpu \
     -k "not performance ${select:+and ($select)}" tests/test_gpu.py tests/test_page_commands.py \
     > "$out/gpu-tests.log" 2>&1
 echo "pytest exit status $?" >> "$out/gpu-tests.log"

@@ -4,7 +4,8 @@
 - every script and template is offered on some page (a download or an include);
 - every flag a page or a template passes to a script is one that script accepts;
 - every include that selects a part of a file (markers, :pyobject:) selects some code;
-- every measured number on the performance page comes from a result file the page shows.
+- every measured number with a thousands separator on the performance page comes from a
+  result file the page shows (smaller numbers, such as seconds, are not checked).
 
 Each rule is a function of the repository's root folder that returns a list of problems,
 so the last tests can run it on a broken copy and see it catch the breakage.
@@ -295,7 +296,8 @@ THOUSANDS = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,])")
 
 
 def unsourced_numbers(root: Path) -> list[str]:
-    """Measured numbers on the performance page must come from the result files it shows."""
+    """Measured numbers written with a thousands separator (45,182) on the performance page
+    must come from the result files it shows."""
     page = root / "content" / "performance.md"
     tables = [resolve(root, page, target) for _, kind, target in references(root, page) if kind == "csv-table :file:"]
     measured = {n for table in tables if table.is_file() for n in THOUSANDS.findall(table.read_text(encoding="utf-8"))}
