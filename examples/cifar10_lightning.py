@@ -31,7 +31,8 @@ import torchvision
 from lightning.pytorch.callbacks import (EarlyStopping, LearningRateMonitor,
                                          ModelCheckpoint, TQDMProgressBar)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import (SLURMEnvironment,
+                                                    TorchElasticEnvironment)
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy, size_based_auto_wrap_policy
@@ -136,6 +137,7 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def prepare_data(self):
         # Once per node, before setup(): torchvision downloads and checks the archive.
+        # (Nodes that share a file system: run --download-only on a login node first.)
         if self.is_downloaded():
             return
         try:
@@ -146,7 +148,7 @@ class CIFAR10DataModule(L.LightningDataModule):
                      f"({reason})")
 
     def setup(self, stage: str):
-        if stage == "fit":
+        if stage in ("fit", "validate"):
             images, labels = read_cifar10(self.folder, train=True)
             # The same split on every process: a fixed generator, not the training seed.
             order = torch.randperm(len(labels),
@@ -252,6 +254,9 @@ class LitClassifier(L.LightningModule):
         # One-cycle: warm up for 25% of the steps (longer in a very short run:
         # OneCycleLR fails when its warm-up is exactly one step), then anneal to ~0.
         total = self.trainer.estimated_stepping_batches
+        if total < 1:  # drop_last: a device with fewer images than a batch gets none
+            sys.exit("error: each device gets fewer training images than --batch-size; "
+                     "use a smaller --batch-size or fewer devices")
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=self.hparams.lr, total_steps=total,
             pct_start=min(0.75, max(0.25, 1.5 / total)),
@@ -267,8 +272,8 @@ class LitClassifier(L.LightningModule):
             sys.exit(f"error: the checkpoint's learning-rate schedule was planned for "
                      f"{planned} steps, this run for "
                      f"{self.trainer.estimated_stepping_batches}; resume with the "
-                     f"original --max-epochs and --batch-size, or start a new run in "
-                     f"another --output-dir")
+                     f"original --max-epochs, --batch-size, --devices and --num-nodes, "
+                     f"or start a new run in another --output-dir")
 
     def on_fit_start(self):
         # Every process was seeded alike, so the crops and flips drawn on each device
@@ -344,7 +349,9 @@ class RequeueOnSignal(L.Callback):
                       lambda signum, frame: setattr(self, "signalled", True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.check_every_n_steps:
+        # Not on an epoch's last batch: its validation and checkpoints come next.
+        last_batch = batch_idx + 1 == trainer.num_training_batches
+        if trainer.global_step % self.check_every_n_steps or last_batch:
             return
         # A collective (all ranks call it at this step): True if any was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
@@ -416,8 +423,6 @@ def find_resume_checkpoint(output_dir: Path):
     # A checkpoint is a file, or a folder for sharded FSDP checkpoints.
     found = [p for p in candidates if p.exists()]
     if not found:
-        print(f"--resume: no checkpoint in {output_dir}, starting from scratch",
-              flush=True)
         return None
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
@@ -453,7 +458,8 @@ def parse_args(argv=None):
                     help="how to use several devices (default: %(default)s)")
     hw.add_argument("--precision", default=None,
                     choices=["32-true", "16-mixed", "bf16-mixed"],
-                    help="default: bf16-mixed on a GPU, 32-true on a CPU")
+                    help="default: bf16-mixed on a GPU that computes in bfloat16, "
+                         "16-mixed on older GPUs, 32-true on a CPU")
 
     model = parser.add_argument_group("model and training")
     model.add_argument("--model", default="cnn", choices=sorted(MODELS),
@@ -530,6 +536,13 @@ def parse_args(argv=None):
     for flag in ("num_nodes", "max_epochs", "batch_size", "min_params"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    # Lightning starts the processes of one machine only; on several nodes something
+    # else must start them everywhere, or rank 0 waits for ranks that never come.
+    launched = (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+                or "NODE_RANK" in os.environ)
+    if args.num_nodes > 1 and not launched:
+        parser.error("--num-nodes above 1 needs a launcher that starts the processes "
+                     "on every node: srun in a SLURM job, or torchrun")
     if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num-workers must be 0 or more")
     if args.lr <= 0:
@@ -594,12 +607,14 @@ def main(argv=None):
     last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last",
                                 enable_version_counter=False,
                                 save_on_train_epoch_end=False)
-    # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
-    callbacks = [] if args.fast_dev_run else [best_ckpt, last_ckpt]
+    callbacks = [best_ckpt, last_ckpt]  # (--fast-dev-run saves no checkpoint)
     callbacks.append(LearningRateMonitor(logging_interval="step"))
     if args.early_stop_patience:
+        # Checked after validation, where val_acc is: checked at the end of the
+        # training epoch (the default), a run resumed from last.ckpt would crash.
         callbacks.append(EarlyStopping(monitor="val_acc", mode="max",
-                                       patience=args.early_stop_patience))
+                                       patience=args.early_stop_patience,
+                                       check_on_train_epoch_end=False))
     if not args.no_progress_bar:
         # Redrawing the bar reads the loss back from the GPU, which makes the CPU wait;
         # every 10 steps costs little, every step costs about a tenth of the speed.
@@ -634,6 +649,8 @@ def main(argv=None):
               flush=True)
 
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
+    if args.resume and not ckpt_path and trainer.is_global_zero:
+        print(f"--resume: no checkpoint in {output_dir}, starting from scratch")
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     # last_ckpt monitors nothing, so its "best" is simply the newest.
     best, last = best_ckpt.best_model_path, last_ckpt.best_model_path

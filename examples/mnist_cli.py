@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
+from lightning_utilities.core.imports import RequirementCache
 
 # Keep this file next to mnist_lightning.py: the model and the data module come
 # from there.
@@ -28,12 +29,11 @@ from mnist_lightning import LitMLP, MNISTDataModule  # noqa: E402
 
 
 def main(args=None):
-    try:
-        import jsonargparse  # noqa: F401  (LightningCLI builds its parser with it)
-    except ImportError:
+    # LightningCLI builds its parser with jsonargparse and its [signatures] extra.
+    if not RequirementCache("jsonargparse[signatures]"):
         sys.exit("error: LightningCLI needs jsonargparse: "
                  'pip install "jsonargparse[signatures]"')
-    # The subcommand (fit, validate, test, predict) names the Trainer method to run.
+    # The subcommand (fit, validate or test) names the Trainer method to run.
     LightningCLI(LitMLP, MNISTDataModule, seed_everything_default=42, args=args)
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.environments import (SLURMEnvironment,
+                                                    TorchElasticEnvironment)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -77,7 +78,8 @@ class MNISTDataModule(L.LightningDataModule):
 
     def prepare_data(self):
         # Lightning calls this on one process per node, before setup(): the place to
-        # download, so that several processes never write the same files at once.
+        # download. (Nodes that share a file system would each download: there, run
+        # --download-only on a login node first.)
         if self.is_downloaded():
             return
         try:
@@ -89,7 +91,7 @@ class MNISTDataModule(L.LightningDataModule):
     def setup(self, stage: str):
         # Called on every process. The split must be the same on every process, so it
         # uses its own fixed seed rather than the training seed.
-        if stage == "fit":
+        if stage in ("fit", "validate"):
             full = MNIST(self.data_dir, train=True)
             order = torch.randperm(len(full),
                                    generator=torch.Generator().manual_seed(0))
@@ -161,6 +163,9 @@ class LitMLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
     def on_fit_start(self):
+        # Every process was seeded alike; a seed of its own gives each rank its own
+        # dropout masks (the weights are already identical).
+        torch.manual_seed(torch.initial_seed() + self.global_rank)
         # One line per process, so a multi-process or multi-node run shows who is who.
         if self.trainer.world_size > 1:
             print(
@@ -195,7 +200,9 @@ class RequeueOnSignal(L.Callback):
                       lambda signum, frame: setattr(self, "signalled", True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.check_every_n_steps:
+        # Not on an epoch's last batch: its validation and checkpoints come next.
+        last_batch = batch_idx + 1 == trainer.num_training_batches
+        if trainer.global_step % self.check_every_n_steps or last_batch:
             return
         # A collective (all ranks call it at this step): True if any was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
@@ -265,8 +272,6 @@ def find_resume_checkpoint(output_dir: Path):
     # A checkpoint is a file, or a folder for sharded FSDP checkpoints.
     found = [p for p in candidates if p.exists()]
     if not found:
-        print(f"--resume: no checkpoint in {output_dir}, starting from scratch",
-              flush=True)
         return None
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
@@ -297,7 +302,7 @@ def parse_args(argv=None):
     hw.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
                     help="how to use several devices (default: %(default)s)")
     hw.add_argument("--precision", default="32-true",
-                    choices=["32-true", "16-mixed", "bf16-mixed", "bf16-true"],
+                    choices=["32-true", "16-mixed", "bf16-mixed"],
                     help="default: %(default)s")
 
     train = parser.add_argument_group("training")
@@ -327,6 +332,13 @@ def parse_args(argv=None):
     for flag in ("num_nodes", "max_epochs", "batch_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    # Lightning starts the processes of one machine only; on several nodes something
+    # else must start them everywhere, or rank 0 waits for ranks that never come.
+    launched = (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
+                or "NODE_RANK" in os.environ)
+    if args.num_nodes > 1 and not launched:
+        parser.error("--num-nodes above 1 needs a launcher that starts the processes "
+                     "on every node: srun in a SLURM job, or torchrun")
     if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num-workers must be 0 or more")
     if args.lr <= 0:
@@ -379,8 +391,7 @@ def main(argv=None):
     last_ckpt = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="last",
                                 enable_version_counter=False,
                                 save_on_train_epoch_end=False)
-    # No checkpoints from a smoke run: --resume would later pick up its last.ckpt.
-    callbacks = [] if args.fast_dev_run else [best_ckpt, last_ckpt]
+    callbacks = [best_ckpt, last_ckpt]  # (--fast-dev-run saves no checkpoint)
     if not args.no_progress_bar:
         # Redrawing the bar reads the loss back from the GPU: the CPU waits for it.
         callbacks.append(TQDMProgressBar(refresh_rate=10))
@@ -406,6 +417,8 @@ def main(argv=None):
         plugins=[SLURMEnvironment(auto_requeue=False)] if on_slurm else None,
     )
     ckpt_path = find_resume_checkpoint(output_dir) if args.resume else None
+    if args.resume and not ckpt_path and trainer.is_global_zero:
+        print(f"--resume: no checkpoint in {output_dir}, starting from scratch")
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     # last_ckpt monitors nothing, so its "best" is simply the newest.
     best, last = best_ckpt.best_model_path, last_ckpt.best_model_path

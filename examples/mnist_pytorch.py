@@ -50,7 +50,7 @@ def load_mnist(data_dir: str, batch_size: int):
         full = MNIST(data_dir, train=True, download=True)
         test = MNIST(data_dir, train=False, download=True)
     except RuntimeError as err:  # offline and the files are missing
-        reason = str(err).splitlines()[0]
+        reason = [line for line in str(err).splitlines() if line.strip()][-1].strip()
         sys.exit(f"error: MNIST is not in {data_dir} and could not be downloaded "
                  f"({reason}); run this script once on a machine with internet, "
                  f"e.g. a login node")
@@ -96,7 +96,14 @@ def evaluate(model, loader, device):
 
 def pick_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            sys.exit(f"error: --device {name}: not a device name "
+                     "(auto, cpu, cuda, cuda:1, mps)")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            sys.exit(f"error: --device {name}: PyTorch sees no GPU on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
