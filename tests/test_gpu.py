@@ -38,7 +38,7 @@ def test_fsdp_sharding_strategy_trains(cifar_dir, tmp_path, sharding):
     assert_trained_and_tested(result, out)
 
 
-def test_fsdp_sharded_checkpoint_with_activation_checkpointing_resumes(cifar_dir, tmp_path):
+def test_fsdp_sharded_checkpoint_with_activation_checkpointing_is_restored(cifar_dir, tmp_path):
     out = tmp_path / "sharded"
     args = ("--data-dir", cifar_dir, "--output-dir", out, "--model", "resnet18", "--strategy", "fsdp",
             "--devices", 1, "--checkpoint-format", "sharded", "--activation-checkpointing", *TINY)
