@@ -1,5 +1,6 @@
 """The CIFAR-10 script on CPU and tiny learnable data, and its FSDP wrap policies."""
 
+import csv
 import subprocess
 import sys
 import time
@@ -54,7 +55,21 @@ def test_ddp_on_cpu_splits_the_data_between_two_processes(cifar_dir, tmp_path):
     assert finished_steps(result.stdout) == (TRAIN_IMAGES // 2) // BATCH
 
 
-def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_dir, tmp_path):
+def one_cycle_rate(cifar_script, total_steps: int, after: int) -> float:
+    """The learning rate the script's schedule for total_steps gives after `after` steps,
+    replayed with its own configure_optimizers and the script's default --lr."""
+    args = cifar_script.parse_args(["--accelerator", "cpu"])
+    model = cifar_script.LitClassifier("cnn", lr=args.lr, weight_decay=args.weight_decay)
+    model._trainer = types.SimpleNamespace(estimated_stepping_batches=total_steps)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    for _ in range(after):
+        optimizer.step()
+        scheduler.step()
+    return optimizer.param_groups[0]["lr"]
+
+
+def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_script, cifar_dir, tmp_path):
     out = tmp_path / "resume"
     args = ["--data-dir", cifar_dir, "--output-dir", out, *CPU, "--batch-size", BATCH, "--data-on-device",
             "--max-epochs", 4]
@@ -70,15 +85,28 @@ def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_dir, tm
     killed_output = run.communicate()[0]
     assert "finished after" not in killed_output, "the run ended before it could be killed"
 
+    # Where the killed run stopped: resuming overwrites last.ckpt.
+    killed = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    killed_step, killed_epoch = killed["global_step"], killed["epoch"]
+    assert 0 < killed_step < 4 * STEPS_PER_EPOCH
+
     resumed = run_script("cifar10_lightning.py", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
     assert finished_steps(resumed.stdout) == 4 * STEPS_PER_EPOCH
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4 * STEPS_PER_EPOCH
-    # The resumed run logs to a new file whose steps carry on from the checkpoint.
-    second = [int(r["step"]) for r in read_metrics(out) if r.get("train_loss")][-3:]
-    assert len(metrics_files(out)) == 2 and min(second) > STEPS_PER_EPOCH
+    # The resumed run logs to a new file and trains only the steps and epochs still to do.
+    assert [p.parent.name for p in metrics_files(out)] == ["version_0", "version_1"]
+    with open(metrics_files(out)[1], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert all(int(r["step"]) >= killed_step for r in rows), (killed_step, [r["step"] for r in rows])
+    val_epochs = [int(r["epoch"]) for r in rows if r.get("val_acc")]
+    assert val_epochs == list(range(killed_epoch + 1, 4)), (killed_epoch, val_epochs)
+    # The learning rate carries on along the schedule planned for all four epochs.
+    first_lr = next(r for r in rows if r.get("lr-SGD"))
+    assert float(first_lr["lr-SGD"]) == pytest.approx(
+        one_cycle_rate(cifar_script, 4 * STEPS_PER_EPOCH, after=int(first_lr["step"])))
     # (Resuming with more epochs than planned is refused: test_page_commands.py runs the
     # training-pipeline exercise that shows it.)
 
