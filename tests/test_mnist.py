@@ -131,10 +131,14 @@ def test_default_workers_none_on_a_cpu_and_up_to_the_cpus_on_a_gpu(script, monke
     most = {"mnist_lightning": 2, "cifar10_lightning": 4}[script]
     assert module.parse_args(["--accelerator", "cpu"]).num_workers == 0
     assert module.parse_args(["--accelerator", "cpu", "--num-workers", "3"]).num_workers == 3
-    # On a GPU node with 8 cores (pretended), in a task of 3: workers, and a CPU left for training.
+    # On a GPU node with 8 cores (pretended).
     monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(module.torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    # Outside SLURM all 8 cores are usable: the script's own cap applies.
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert module.parse_args([]).num_workers == most
+    # In a SLURM task of 3 CPUs: workers, and a CPU left for training.
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert module.parse_args([]).num_workers == min(most, 2)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
