@@ -156,6 +156,24 @@ def test_offline_missing_data_names_the_download_command(tmp_path):
     assert f"--data-dir {tmp_path / 'none'} --download-only" in result.stderr
 
 
+def test_offline_missing_data_stops_with_the_download_command_in_process(cifar_script, monkeypatch, capsys,
+                                                                        tmp_path):
+    # The test above skips wherever the server is reachable (as on CI); here the
+    # offline machine is pretended.
+    monkeypatch.setattr(cifar_script, "can_reach", lambda *args, **kwargs: False)
+    monkeypatch.setattr(cifar_script.sys, "argv", ["cifar10_lightning.py"])
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit) as stopped:
+        cifar_script.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"), *CPU])
+    message = stopped.value.code
+    # A string: Python prints it as one line to stderr and exits with status 1.
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"error: CIFAR-10 is not in {empty}")
+    assert message.endswith(f"python cifar10_lightning.py --data-dir {empty} --download-only")
+    assert "Traceback" not in "".join(capsys.readouterr())
+    assert not empty.exists()  # nothing was downloaded or started
+
+
 def test_random_crop_flip_moves_and_mirrors_each_image_independently():
     module = load_example("cifar10_lightning")
     torch.manual_seed(0)

@@ -116,6 +116,25 @@ def test_offline_missing_data_gives_clear_message(tmp_path):
             assert f"--data-dir {empty} --download-only" in result.stderr
 
 
+def test_offline_missing_data_stops_with_the_download_command_in_process(mnist_script, monkeypatch, capsys,
+                                                                        tmp_path):
+    # The test above skips wherever the mirror is reachable (as on CI); here the
+    # offline machine is pretended. (mnist_pytorch.py has no such check: it reports
+    # the failed download itself, which only the test above can show.)
+    monkeypatch.setattr(mnist_script, "can_reach", lambda *args, **kwargs: False)
+    monkeypatch.setattr(mnist_script.sys, "argv", ["mnist_lightning.py"])
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit) as stopped:
+        mnist_script.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"), *CPU])
+    message = stopped.value.code
+    # A string: Python prints it as one line to stderr and exits with status 1.
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"error: MNIST is not in {empty}")
+    assert message.endswith(f"python mnist_lightning.py --data-dir {empty} --download-only")
+    assert "Traceback" not in "".join(capsys.readouterr())
+    assert not empty.exists()  # nothing was downloaded or started
+
+
 def test_worker_count_follows_the_cpus_slurm_gives_the_task(mnist_script, monkeypatch):
     import os
 
