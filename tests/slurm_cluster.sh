@@ -146,7 +146,15 @@ start() {
             # shellcheck disable=SC2016  # $1 is expanded by the inner shell
             unshare --uts sh -c 'hostname "$1" && exec slurmd -N "$1"' sh "$node"
         else
-            slurmd -N "$node"  # both nodes then report this machine's host name
+            # Without CAP_SYS_ADMIN (an unprivileged container) there is no UTS
+            # namespace: both slurmd report this machine's host name, and
+            # test_slurm.py's multi-node test, which wants ranks "on n1" and "on n2",
+            # fails. It needs a VM, or a container started with --privileged.
+            echo "slurm_cluster.sh: warning: 'unshare --uts' is not allowed here," \
+                "so $node runs under this machine's host name, $(hostname);" \
+                "the multi-node test of tests/test_slurm.py will fail." \
+                "Run the cluster in a VM or a privileged container." >&2
+            slurmd -N "$node"
         fi
     done
     # A node left DOWN or DRAINED by an earlier run is put back into service.

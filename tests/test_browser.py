@@ -282,6 +282,7 @@ def test_internal_links_and_downloads_resolve(pages, server):
 
 
 def test_images_load(pages):
+    assert sum(found["images"] for found in pages.values()) > 0, "no images found on any page"
     broken = {name: found["broken_images"] for name, found in pages.items() if found["broken_images"]}
     assert not broken, json.dumps(broken, indent=2)
 

@@ -49,6 +49,7 @@ def test_fit_with_the_yaml_learns_keeps_the_override_and_its_checkpoint_tests(mn
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["lr"] == 0.002
     assert saved["data"]["data_dir"] == str(mnist_dir)
+    assert saved["trainer"]["max_epochs"] == 1  # summary.md: "max_epochs: 1 from the command line"
 
     # The page's next command: test that checkpoint with the same file.
     result = run_script("mnist_cli.py", "test", "--config", CONFIG, *CPU,

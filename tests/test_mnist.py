@@ -116,6 +116,25 @@ def test_offline_missing_data_gives_clear_message(tmp_path):
             assert f"--data-dir {empty} --download-only" in result.stderr
 
 
+def test_offline_missing_data_stops_with_the_download_command_in_process(mnist_script, monkeypatch, capsys,
+                                                                        tmp_path):
+    # The test above skips wherever the mirror is reachable (as on CI); here the
+    # offline machine is pretended. (mnist_pytorch.py has no such check: it reports
+    # the failed download itself, which only the test above can show.)
+    monkeypatch.setattr(mnist_script, "can_reach", lambda *args, **kwargs: False)
+    monkeypatch.setattr(mnist_script.sys, "argv", ["mnist_lightning.py"])
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit) as stopped:
+        mnist_script.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"), *CPU])
+    message = stopped.value.code
+    # A string: Python prints it as one line to stderr and exits with status 1.
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"error: MNIST is not in {empty}")
+    assert message.endswith(f"python mnist_lightning.py --data-dir {empty} --download-only")
+    assert "Traceback" not in "".join(capsys.readouterr())
+    assert not empty.exists()  # nothing was downloaded or started
+
+
 def test_worker_count_follows_the_cpus_slurm_gives_the_task(mnist_script, monkeypatch):
     import os
 
@@ -131,10 +150,14 @@ def test_default_workers_none_on_a_cpu_and_up_to_the_cpus_on_a_gpu(script, monke
     most = {"mnist_lightning": 2, "cifar10_lightning": 4}[script]
     assert module.parse_args(["--accelerator", "cpu"]).num_workers == 0
     assert module.parse_args(["--accelerator", "cpu", "--num-workers", "3"]).num_workers == 3
-    # On a GPU node with 8 cores (pretended), in a task of 3: workers, and a CPU left for training.
+    # On a GPU node with 8 cores (pretended).
     monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(module.torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    # Outside SLURM all 8 cores are usable: the script's own cap applies.
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert module.parse_args([]).num_workers == most
+    # In a SLURM task of 3 CPUs: workers, and a CPU left for training.
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
     assert module.parse_args([]).num_workers == min(most, 2)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
