@@ -334,9 +334,9 @@ def parse_args(argv=None):
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     # Lightning starts the processes of one machine only; on several nodes something
     # else must start them everywhere, or rank 0 waits for ranks that never come.
-    launched = (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()
-                or "NODE_RANK" in os.environ)
-    if args.num_nodes > 1 and not launched:
+    if args.num_nodes > 1 and not (SLURMEnvironment.detect()
+                                   or TorchElasticEnvironment.detect()
+                                   or "NODE_RANK" in os.environ):
         parser.error("--num-nodes above 1 needs a launcher that starts the processes "
                      "on every node: srun in a SLURM job, or torchrun")
     if args.num_workers is not None and args.num_workers < 0:

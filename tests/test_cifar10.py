@@ -71,8 +71,10 @@ def one_cycle_rate(cifar_script, total_steps: int, after: int) -> float:
 
 def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_script, cifar_dir, tmp_path):
     out = tmp_path / "resume"
+    # Early stopping as well: resumed from last.ckpt it once crashed (no val_acc yet).
+    # Patience 3 cannot end a 4-epoch run early.
     args = ["--data-dir", cifar_dir, "--output-dir", out, *CPU, "--batch-size", BATCH, "--data-on-device",
-            "--max-epochs", 4]
+            "--max-epochs", 4, "--early-stop-patience", 3]
     # Kill the run the way a time limit or a node failure would, once it has
     # written its first end-of-epoch checkpoint (Lightning writes it atomically).
     run = subprocess.Popen([sys.executable, EXAMPLES / "cifar10_lightning.py", *map(str, args)],
@@ -118,6 +120,8 @@ def cifar_script():
     return load_example("cifar10_lightning")
 
 
+# --num-nodes 2 asks Lightning whether SLURM runs this; on a machine with srun it warns.
+@pytest.mark.filterwarnings("ignore:The `srun` command is available")
 @pytest.mark.parametrize(
     "flags, expected",
     [
@@ -130,6 +134,7 @@ def cifar_script():
         (("--wrap-policy", "size"), "--wrap-policy only applies with --strategy fsdp"),
         (("--strategy", "fsdp", "--accelerator", "cpu"), "--strategy fsdp needs GPUs"),
         (("--lr", "-1"), "--lr must be positive"),
+        (("--num-nodes", "2"), "--num-nodes above 1 needs a launcher"),  # else: a hang
     ],
 )
 def test_bad_flags_give_one_clear_line(cifar_script, capsys, flags, expected):
@@ -312,3 +317,13 @@ def test_default_precision_follows_what_the_gpu_computes_in(monkeypatch, bf16, e
     assert module.parse_args([]).precision == expected
     assert module.parse_args(["--precision", "32-true"]).precision == "32-true"
     assert module.parse_args(["--accelerator", "cpu"]).precision == "32-true"
+
+
+def test_batch_larger_than_a_devices_share_stops_with_one_line(cifar_dir, tmp_path):
+    # The training loader drops an incomplete batch: with fewer images than one batch
+    # there is no step at all, and the schedule would divide by zero.
+    result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", tmp_path / "big",
+                        *CPU, "--batch-size", 1024, "--max-epochs", 1, "--no-progress-bar")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: each device gets fewer training images than --batch-size" in result.stderr

@@ -58,6 +58,14 @@ def test_fit_with_the_yaml_learns_keeps_the_override_and_its_checkpoint_tests(mn
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_value(read_metrics(tmp_path), "test_acc") > 0.5
 
+    # validate, the other subcommand the page names, on the same checkpoint.
+    result = run_script("mnist_cli.py", "validate", "--config", CONFIG, *CPU,
+                        "--data.data_dir", mnist_dir,
+                        "--trainer.logger.init_args.save_dir", tmp_path, "--ckpt_path", best[0])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert last_value(read_metrics(tmp_path), "val_acc") > 0.5
+
 
 def test_print_config_gives_a_config_that_reads_back_the_same(tmp_path):
     result = run_script("mnist_cli.py", "fit", "--config", CONFIG, "--model.lr", 0.01, "--print_config",

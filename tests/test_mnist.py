@@ -77,6 +77,8 @@ def mnist_script():
     return load_example("mnist_lightning")
 
 
+# --num-nodes 2 asks Lightning whether SLURM runs this; on a machine with srun it warns.
+@pytest.mark.filterwarnings("ignore:The `srun` command is available")
 @pytest.mark.parametrize(
     "flags, expected",
     [
@@ -86,6 +88,8 @@ def mnist_script():
         (("--max-epochs", "0"), "--max-epochs must be at least 1"),
         (("--strategy", "deepspeed"), "invalid choice: 'deepspeed'"),
         (("--strategy", "fsdp", "--accelerator", "cpu"), "--strategy fsdp needs GPUs"),
+        (("--num-nodes", "2"), "--num-nodes above 1 needs a launcher"),  # else: a hang
+        (("--precision", "bf16-true"), "invalid choice: 'bf16-true'"),
     ],
 )
 def test_bad_flags_give_one_clear_line(mnist_script, capsys, flags, expected):
@@ -179,3 +183,13 @@ def test_last_checkpoint_records_the_best_checkpoint_of_its_own_epoch(mnist_dir,
     [best_file] = (out / "checkpoints").glob("best-epoch=0-*.ckpt")
     assert best["best_model_path"] == str(best_file)
     assert best["best_model_score"] == pytest.approx(last_value(read_metrics(out), "val_acc"))
+
+
+@pytest.mark.parametrize("device, expected", [("gpu", "not a device name"), ("cuda:7", "PyTorch sees no GPU")])
+def test_plain_script_refuses_a_device_it_cannot_use_in_one_line(capsys, device, expected):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    plain = load_example("mnist_pytorch")
+    with pytest.raises(SystemExit) as stopped:
+        plain.main(["--device", device, "--data-dir", "no-such-folder"])  # before any data
+    assert str(stopped.value.code).startswith(f"error: --device {device}: {expected}")
