@@ -85,8 +85,12 @@ def write_tiny_cifar10(root: Path, per_batch: int = 100, n_test: int = 200, seed
 
 
 if __name__ == "__main__":
+    usage = "usage: python tests/tiny_data.py FOLDER   (writes FOLDER/MNIST/raw and FOLDER/cifar-10-batches-py)"
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(usage)
+        sys.exit(0)
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python tests/tiny_data.py FOLDER   (writes FOLDER/MNIST/raw and FOLDER/cifar-10-batches-py)")
+        sys.exit(usage)
     root = Path(sys.argv[1])
     write_tiny_mnist(root)
     write_tiny_cifar10(root)
