@@ -299,8 +299,10 @@ def test_hybrid_shard_is_told_the_nodes_by_devices_layout(wrap):
     # Without a device mesh, Lightning refuses HYBRID_SHARD with no wrap policy (a raw
     # RuntimeError), and torch takes every visible GPU for one node.
     module = load_example("cifar10_lightning")
-    args = module.parse_args(["--accelerator", "cpu", "--num-nodes", "2", "--devices", "4"])
+    # (parse_args refuses FSDP on this CPU, and two nodes outside SLURM: set them after.)
+    args = module.parse_args(["--accelerator", "cpu", "--devices", "4"])
     args.strategy, args.wrap_policy, args.sharding = "fsdp", wrap, "HYBRID_SHARD"
+    args.num_nodes = 2
     strategy = module.build_strategy(args)
     assert strategy.kwargs["device_mesh"] == (2, 4)  # (replicas: nodes, shards: devices)
     args.sharding = "FULL_SHARD"
