@@ -533,6 +533,10 @@ def parse_args(argv=None):
     for name, default in fsdp_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.strategy == "fsdp" and args.grad_clip:
+        # Lightning 2.6 clips by norm through the precision plugin, which under FSDP
+        # raises at the first step: the norm needs every rank's shard.
+        parser.error("--grad-clip does not work with --strategy fsdp in Lightning 2.6")
     for flag in ("num_nodes", "max_epochs", "batch_size", "min_params"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")

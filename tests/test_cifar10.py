@@ -135,6 +135,7 @@ def cifar_script():
         (("--strategy", "fsdp", "--accelerator", "cpu"), "--strategy fsdp needs GPUs"),
         (("--lr", "-1"), "--lr must be positive"),
         (("--num-nodes", "2"), "--num-nodes above 1 needs a launcher"),  # else: a hang
+        (("--strategy", "fsdp", "--grad-clip", "1"), "--grad-clip does not work with --strategy fsdp"),
     ],
 )
 def test_bad_flags_give_one_clear_line(cifar_script, capsys, flags, expected):
