@@ -349,9 +349,7 @@ class RequeueOnSignal(L.Callback):
                       lambda signum, frame: setattr(self, "signalled", True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # Not on an epoch's last batch: its validation and checkpoints come next.
-        last_batch = batch_idx + 1 == trainer.num_training_batches
-        if trainer.global_step % self.check_every_n_steps or last_batch:
+        if trainer.global_step % self.check_every_n_steps:
             return
         # A collective (all ranks call it at this step): True if any was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):

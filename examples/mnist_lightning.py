@@ -163,11 +163,11 @@ class LitMLP(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
 
     def on_fit_start(self):
-        # Every process was seeded alike; a seed of its own gives each rank its own
-        # dropout masks (the weights are already identical).
-        torch.manual_seed(torch.initial_seed() + self.global_rank)
-        # One line per process, so a multi-process or multi-node run shows who is who.
         if self.trainer.world_size > 1:
+            # Every process was seeded alike; a seed of its own gives each rank its own
+            # dropout masks (the weights are already identical).
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
+            # One line per process: a multi-process or multi-node run shows who is who.
             print(
                 f"rank {self.global_rank}/{self.trainer.world_size} "
                 f"(local rank {self.local_rank}) on {socket.gethostname()} "
@@ -200,9 +200,7 @@ class RequeueOnSignal(L.Callback):
                       lambda signum, frame: setattr(self, "signalled", True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        # Not on an epoch's last batch: its validation and checkpoints come next.
-        last_batch = batch_idx + 1 == trainer.num_training_batches
-        if trainer.global_step % self.check_every_n_steps or last_batch:
+        if trainer.global_step % self.check_every_n_steps:
             return
         # A collective (all ranks call it at this step): True if any was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):

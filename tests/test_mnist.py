@@ -1,7 +1,6 @@
 """The MNIST scripts, run as a learner runs them, on CPU and tiny learnable data."""
 
 import re
-import types
 
 import pytest
 import torch
@@ -195,15 +194,3 @@ def test_plain_script_refuses_a_device_it_cannot_use_in_one_line(capsys, device,
         plain.main(["--device", device, "--data-dir", "no-such-folder"])  # before any data
     assert str(stopped.value.code).startswith(f"error: --device {device}: {expected}")
 
-
-def test_requeue_check_skips_an_epochs_last_batch(mnist_script):
-    # The last batch of an epoch is followed by its validation and checkpoints: a requeue
-    # there would lose them, so the callback waits for the next check instead.
-    callback = mnist_script.RequeueOnSignal(check_every_n_steps=10)
-    asked = []
-    strategy = types.SimpleNamespace(reduce_boolean_decision=lambda flag, all: asked.append(flag) or False)
-    trainer = types.SimpleNamespace(global_step=10, num_training_batches=10, strategy=strategy)
-    callback.on_train_batch_end(trainer, None, None, None, batch_idx=9)  # the epoch's last batch
-    assert asked == []
-    callback.on_train_batch_end(trainer, None, None, None, batch_idx=8)
-    assert asked == [False]  # an ordinary tenth step: all ranks are asked

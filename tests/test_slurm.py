@@ -197,7 +197,7 @@ def test_gpu_template_refuses_more_tasks_than_gpus(path):
     env = {**os.environ, "SLURM_GPUS_PER_NODE": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_SUBMIT_DIR": str(REPO)}
     result = subprocess.run(["bash", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    assert "error: --gpus-per-node=2 but --ntasks-per-node=4; make them equal" in result.stderr
+    assert "error: the job has 2 GPUs per node but --ntasks-per-node=4; make them equal" in result.stderr
 
 
 @pytest.mark.parametrize("path", GPU_TEMPLATES, ids=lambda p: p.name)
@@ -207,7 +207,7 @@ def test_gpu_template_with_gres_refuses_more_tasks_than_gpus(path):
     env.pop("SLURM_GPUS_PER_NODE", None)
     result = subprocess.run(["bash", str(path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
-    assert "error: --gpus-per-node=2 but --ntasks-per-node=4; make them equal" in result.stderr
+    assert "error: the job has 2 GPUs per node but --ntasks-per-node=4; make them equal" in result.stderr
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
