@@ -128,3 +128,17 @@ def last_value(rows: list[dict], key: str) -> float:
     values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
     assert values, f"no {key} in metrics.csv"
     return values[-1]
+
+
+def offline_stop(module, script: str, tmp_path: Path, monkeypatch) -> tuple[str, Path]:
+    """Run a Lightning script's main() in-process, as `python SCRIPT`, on a pretended
+    offline machine with an empty data folder. Return the message it exits with and
+    that folder. (The subprocess tests of this case skip wherever the data server is
+    reachable, as on CI.)"""
+    monkeypatch.setattr(module, "can_reach", lambda *args, **kwargs: False)
+    monkeypatch.setattr(module.sys, "argv", [script])
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"),
+                     "--accelerator", "cpu"])
+    return stopped.value.code, empty

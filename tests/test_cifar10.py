@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import (EXAMPLES, finished_steps, last_value, learner_environ, load_example, metrics_files,
-                      read_metrics, run_script)
+                      offline_stop, read_metrics, run_script)
 from tiny_data import write_tiny_cifar10
 
 # 5 batches of 100 tiny images, 1/10 held out for validation -> 450 to train on.
@@ -166,14 +166,7 @@ def test_offline_missing_data_names_the_download_command(tmp_path):
 
 def test_offline_missing_data_stops_with_the_download_command_in_process(cifar_script, monkeypatch, capsys,
                                                                         tmp_path):
-    # The test above skips wherever the server is reachable (as on CI); here the
-    # offline machine is pretended.
-    monkeypatch.setattr(cifar_script, "can_reach", lambda *args, **kwargs: False)
-    monkeypatch.setattr(cifar_script.sys, "argv", ["cifar10_lightning.py"])
-    empty = tmp_path / "empty"
-    with pytest.raises(SystemExit) as stopped:
-        cifar_script.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"), *CPU])
-    message = stopped.value.code
+    message, empty = offline_stop(cifar_script, "cifar10_lightning.py", tmp_path, monkeypatch)
     # A string: Python prints it as one line to stderr and exits with status 1.
     assert isinstance(message, str) and "\n" not in message, message
     assert message.startswith(f"error: CIFAR-10 is not in {empty}")

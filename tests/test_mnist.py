@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import finished_steps, last_value, load_example, read_metrics, run_script
+from conftest import finished_steps, last_value, load_example, offline_stop, read_metrics, run_script
 
 # 600 tiny training images, 1/12 held out for validation -> 550 to train on.
 TRAIN_IMAGES = 600 - 600 // 12
@@ -122,15 +122,9 @@ def test_offline_missing_data_gives_clear_message(tmp_path):
 
 def test_offline_missing_data_stops_with_the_download_command_in_process(mnist_script, monkeypatch, capsys,
                                                                         tmp_path):
-    # The test above skips wherever the mirror is reachable (as on CI); here the
-    # offline machine is pretended. (mnist_pytorch.py has no such check: it reports
-    # the failed download itself, which only the test above can show.)
-    monkeypatch.setattr(mnist_script, "can_reach", lambda *args, **kwargs: False)
-    monkeypatch.setattr(mnist_script.sys, "argv", ["mnist_lightning.py"])
-    empty = tmp_path / "empty"
-    with pytest.raises(SystemExit) as stopped:
-        mnist_script.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"), *CPU])
-    message = stopped.value.code
+    # (mnist_pytorch.py has no such check: it reports the failed download itself,
+    # which only the subprocess test above can show.)
+    message, empty = offline_stop(mnist_script, "mnist_lightning.py", tmp_path, monkeypatch)
     # A string: Python prints it as one line to stderr and exits with status 1.
     assert isinstance(message, str) and "\n" not in message, message
     assert message.startswith(f"error: MNIST is not in {empty}")
