@@ -323,3 +323,22 @@ def test_batch_larger_than_a_devices_share_stops_with_one_line(cifar_dir, tmp_pa
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: each device gets fewer training images than --batch-size" in result.stderr
+
+
+def test_training_steps_do_not_wait_for_the_device(cifar_script, cifar_dir, tmp_path, monkeypatch):
+    # Each .item() copies a number back from the GPU and makes the CPU wait for it to finish
+    # its queue. Lightning calls it after every step for each progress-bar value: train_loss
+    # must go only to the logger, which reads it every 20 steps (here never: 14 steps).
+    import lightning as L
+
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
+    data = cifar_script.CIFAR10DataModule(str(cifar_dir), BATCH, 0, data_on_device=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
+                        log_every_n_steps=20, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                        callbacks=[L.pytorch.callbacks.TQDMProgressBar(refresh_rate=10)],
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(cifar_script.LitClassifier("cnn"), datamodule=data)
+    assert trainer.global_step == STEPS_PER_EPOCH
+    assert len(reads) <= 2, f"{len(reads)} reads back in {STEPS_PER_EPOCH} steps"
