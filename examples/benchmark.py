@@ -5,9 +5,10 @@ CIFAR-10's shape (the speed does not depend on what the pixels show):
 
 - a plain PyTorch loop over images already on the GPU: the reference;
 - the Lightning script's own path (training images on the GPU, batch augmentation there);
-- the knobs the lesson discusses: fp32 vs bf16, channels_last, torch.compile (default and
-  max-autotune), the progress bar and the logger, the data in host memory, DDP and FSDP on
-  one device, the classic per-image PIL pipeline;
+- the knobs the lesson discusses: fp32 vs bf16, channels_last, torch.compile (default,
+  reduce-overhead and max-autotune), the progress bar, a training loss shown on it, the
+  logger, the data in host memory, DDP and FSDP on one device, the classic per-image PIL
+  pipeline;
 - the MNIST script's epoch time against a plain loop over GPU tensors.
 
     python benchmark.py                     # on a GPU: the full set, a few minutes
@@ -131,13 +132,23 @@ class Throughput(Callback):
         return self.start - self.train_start
 
 
+class LossOnProgressBar(cifar.LitClassifier):
+    """The script's module with the training loss on the progress bar too, as mnist_lightning.py
+    shows it: Lightning then reads a number back from the GPU after every step."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+
 def lightning_cifar(cfg, images, labels, precision="bf16-mixed", strategy="auto", progress=None,
                     logger=True, compile_mode=None, wrap="block", num_workers=None, data_on_device=None,
-                    timer=None) -> float:
+                    timer=None, loss_on_bar=False) -> float:
     """The script's LightningModule and data module under a Trainer, as cifar10_lightning.py builds it.
     Pass a Throughput as timer to read more than the images/s afterwards."""
     L.seed_everything(0, verbose=False)
-    model = cifar.LitClassifier(cfg.model, lr=0.05)
+    model = (LossOnProgressBar if loss_on_bar else cifar.LitClassifier)(cfg.model, lr=0.05)
     if compile_mode:
         torch._dynamo.reset()  # compile afresh: the warm-up then includes all of it
         model.net.compile(mode=compile_mode)
@@ -296,7 +307,7 @@ def main(argv=None):
                         help="default: resnet18, or cnn with --small")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 512, or 32 with --small")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 150, or 5 with --small)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "plain-compile", "max-autotune", "fsdp", "classic", "mnist"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "plain-compile", "reduce-overhead", "max-autotune", "fsdp", "classic", "mnist"],
                         help="leave out slow groups")
     parser.add_argument("--out", default="benchmark-results", help="folder for results.json/.csv/.svg")
     args = parser.parse_args(argv)
@@ -353,6 +364,8 @@ def main(argv=None):
     record("lightning", "progress bar every step (Lightning default)",
            lightning_cifar(cfg, images, labels, bf16, progress=1))
     record("lightning", "no progress bar, no logger", lightning_cifar(cfg, images, labels, bf16, logger=False))
+    record("lightning", "loss on the progress bar, read back every step",
+           lightning_cifar(cfg, images, labels, bf16, progress=10, loss_on_bar=True))
     record("data", "script with --no-data-on-device (host memory)",
            lightning_cifar(cfg, images, labels, bf16, progress=10, data_on_device=False))
     record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
@@ -378,6 +391,12 @@ def main(argv=None):
                timer.warmup_seconds, "s")
     if not {"compile", "plain-compile"} & skip:
         record("compile", "plain loop + torch.compile", plain_cifar_loop(cfg, images, labels, "bf16", "default"))
+    if not {"compile", "reduce-overhead"} & skip:  # CUDA graphs: far fewer kernel launches for the CPU
+        timer = Throughput(cfg.warmup, cfg.batch)
+        record("compile", "script path + --compile --compile-mode reduce-overhead",
+               lightning_cifar(cfg, images, labels, bf16, progress=10, compile_mode="reduce-overhead", timer=timer))
+        record("compile", f"script path + reduce-overhead: first {cfg.warmup} steps incl. compiling",
+               timer.warmup_seconds, "s")
     if not {"compile", "max-autotune"} & skip:  # the slowest row of all: last
         timer = Throughput(cfg.warmup, cfg.batch)
         record("compile", "script path + --compile --compile-mode max-autotune",
@@ -397,7 +416,10 @@ RATIOS = {
     "lightning_no_bar_vs_plain": ("no progress bar", "reference"),
     "host_memory_loader_vs_data_on_device": ("script with --no-data-on-device (host memory)",
                                              "script path (progress bar every 10 steps)"),
+    "loss_on_bar_vs_script": ("loss on the progress bar, read back every step",
+                              "script path (progress bar every 10 steps)"),
     "compiled_script_vs_plain": ("script path + --compile", "reference"),
+    "reduce_overhead_script_vs_plain": ("script path + --compile --compile-mode reduce-overhead", "reference"),
     "max_autotune_script_vs_plain": ("script path + --compile --compile-mode max-autotune", "reference"),
     "channels_last_vs_contiguous": ("reference", "plain loop, bf16, without channels_last"),
     "mnist_lightning_epoch_vs_plain": ("mnist_lightning.py path, one epoch",
