@@ -25,10 +25,12 @@ def pytest_collection_modifyitems(config, items):
     # `make test` runs the tests in parallel processes (pytest-xdist, --dist loadgroup). A test
     # file's tests stay together in one process, in their order, so its module fixtures (a
     # built site, a trained run) are made once and the SLURM jobs never compete for the test
-    # cluster; test_page_commands.py groups its tests by page instead.
+    # cluster; test_page_commands.py groups its tests by page instead. The GPU tests share
+    # nothing and run on a GPU machine lent for minutes: each is a group of its own.
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+            alone = item.path.stem == "test_gpu"
+            item.add_marker(pytest.mark.xdist_group(item.name if alone else item.path.stem))
     try:
         import torch
 
