@@ -37,6 +37,8 @@ myst_enable_extensions = [
 ]
 # Give headings stable anchors so pages can link to "page.md#some-heading".
 myst_heading_anchors = 3
+# Curly quotes and ellipses, but no dashes: "--compile" in a table cell must not become "–compile".
+smartquotes_action = "qe"
 
 # The pages are plain Markdown; never run code while building the site.
 nb_execution_mode = "off"

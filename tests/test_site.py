@@ -54,6 +54,15 @@ def test_site_builds_with_warnings_as_errors(site):
     assert (outdir / "why-lightning.html").is_file()
 
 
+def test_flags_outside_code_keep_their_two_hyphens(site):
+    # The benchmark table's rows name flags in plain text; Sphinx's smart quotes would
+    # turn "--compile" into "–compile", a flag that no script accepts.
+    result, outdir = site
+    page = (outdir / "performance.html").read_text(encoding="utf-8")
+    assert "script path + --compile</td>" in page.replace("<p>", "").replace("</p>", "")
+    assert "\u2013compile" not in page and "&#8211;compile" not in page
+
+
 def test_episode_one_renders_exercises_with_hidden_solutions(site):
     result, outdir = site
     assert result.returncode == 0, result.stderr[-5000:]
