@@ -132,15 +132,21 @@ def last_value(rows: list[dict], key: str) -> float:
     return values[-1]
 
 
-def offline_stop(module, script: str, tmp_path: Path, monkeypatch) -> tuple[str, Path]:
+def assert_offline_stop(module, script: str, dataset: str, tmp_path: Path, monkeypatch, capsys):
     """Run a Lightning script's main() in-process, as `python SCRIPT`, on a pretended
-    offline machine with an empty data folder. Return the message it exits with and
-    that folder. (The subprocess tests of this case skip wherever the data server is
-    reachable, as on CI.)"""
+    offline machine with an empty data folder, and check that it stops with one line that
+    names the download command. (The subprocess tests of this case skip wherever the data
+    server is reachable, as on CI.)"""
     monkeypatch.setattr(module, "can_reach", lambda *args, **kwargs: False)
     monkeypatch.setattr(module.sys, "argv", [script])
     empty = tmp_path / "empty"
     with pytest.raises(SystemExit) as stopped:
         module.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"),
                      "--accelerator", "cpu"])
-    return stopped.value.code, empty
+    message = stopped.value.code
+    # A string: Python prints it as one line to stderr and exits with status 1.
+    assert isinstance(message, str) and "\n" not in message, message
+    assert message.startswith(f"error: {dataset} is not in {empty}")
+    assert message.endswith(f"python {script} --data-dir {empty} --download-only")
+    assert "Traceback" not in "".join(capsys.readouterr())
+    assert not empty.exists()  # nothing was downloaded or started

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import (EXAMPLES, finished_steps, last_value, learner_environ, load_example, metrics_files,
-                      offline_stop, read_metrics, run_script)
+from conftest import (EXAMPLES, assert_offline_stop, finished_steps, last_value, learner_environ, load_example,
+                      metrics_files, read_metrics, run_script)
 from tiny_data import write_tiny_cifar10
 
 # 5 batches of 100 tiny images, 1/10 held out for validation -> 450 to train on.
@@ -166,13 +166,7 @@ def test_offline_missing_data_names_the_download_command(tmp_path):
 
 def test_offline_missing_data_stops_with_the_download_command_in_process(cifar_script, monkeypatch, capsys,
                                                                         tmp_path):
-    message, empty = offline_stop(cifar_script, "cifar10_lightning.py", tmp_path, monkeypatch)
-    # A string: Python prints it as one line to stderr and exits with status 1.
-    assert isinstance(message, str) and "\n" not in message, message
-    assert message.startswith(f"error: CIFAR-10 is not in {empty}")
-    assert message.endswith(f"python cifar10_lightning.py --data-dir {empty} --download-only")
-    assert "Traceback" not in "".join(capsys.readouterr())
-    assert not empty.exists()  # nothing was downloaded or started
+    assert_offline_stop(cifar_script, "cifar10_lightning.py", "CIFAR-10", tmp_path, monkeypatch, capsys)
 
 
 def test_random_crop_flip_moves_and_mirrors_each_image_independently():

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from conftest import finished_steps, last_value, load_example, offline_stop, read_metrics, run_script
+from conftest import assert_offline_stop, finished_steps, last_value, load_example, read_metrics, run_script
 
 # 600 tiny training images, 1/12 held out for validation -> 550 to train on.
 TRAIN_IMAGES = 600 - 600 // 12
@@ -124,13 +124,7 @@ def test_offline_missing_data_stops_with_the_download_command_in_process(mnist_s
                                                                         tmp_path):
     # (mnist_pytorch.py has no such check: it reports the failed download itself,
     # which only the subprocess test above can show.)
-    message, empty = offline_stop(mnist_script, "mnist_lightning.py", tmp_path, monkeypatch)
-    # A string: Python prints it as one line to stderr and exits with status 1.
-    assert isinstance(message, str) and "\n" not in message, message
-    assert message.startswith(f"error: MNIST is not in {empty}")
-    assert message.endswith(f"python mnist_lightning.py --data-dir {empty} --download-only")
-    assert "Traceback" not in "".join(capsys.readouterr())
-    assert not empty.exists()  # nothing was downloaded or started
+    assert_offline_stop(mnist_script, "mnist_lightning.py", "MNIST", tmp_path, monkeypatch, capsys)
 
 
 def test_worker_count_follows_the_cpus_slurm_gives_the_task(mnist_script, monkeypatch):
