@@ -232,7 +232,7 @@ class LitClassifier(L.LightningModule):
         loss = F.cross_entropy(self(images), labels,
                                label_smoothing=self.hparams.label_smoothing)
         # Not on the progress bar: Lightning reads bar values back from the GPU after
-        # every step, which makes the CPU wait each time. The logger reads it every 20 steps.
+        # every step, and the CPU waits each time. The logger reads it every 20 steps.
         self.log("train_loss", loss)
         return loss
 
