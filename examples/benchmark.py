@@ -4,7 +4,8 @@ Every number comes from one process on one device, after warm-up, on synthetic d
 CIFAR-10's shape (the speed does not depend on what the pixels show):
 
 - a plain PyTorch loop over images already on the GPU: the reference;
-- the Lightning script's own path (training images on the GPU, batch augmentation there);
+- the Lightning script's own path (training images on the GPU, batch augmentation there),
+  run in turns with the reference (--rounds), because the comparison rests on these two;
 - the knobs the lesson discusses: fp32 vs bf16, channels_last, torch.compile (default,
   reduce-overhead and max-autotune), the progress bar, a training loss shown on it, the
   logger, the data in host memory, DDP and FSDP on one device, the classic per-image PIL
@@ -22,6 +23,7 @@ import argparse
 import csv
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -307,10 +309,14 @@ def main(argv=None):
                         help="default: resnet18, or cnn with --small")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 512, or 32 with --small")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 150, or 5 with --small)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="runs of the plain loop and of the script's path, alternately (default: 3, or 2 with --small)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "plain-compile", "reduce-overhead", "max-autotune", "fsdp", "classic", "mnist"],
                         help="leave out slow groups")
     parser.add_argument("--out", default="benchmark-results", help="folder for results.json/.csv/.svg")
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type != "cuda"
@@ -320,6 +326,7 @@ def main(argv=None):
         batch=args.batch_size or (32 if small else 512),
         warmup=3 if small else 30,
         steps=args.steps or (5 if small else 150),
+        rounds=args.rounds or (2 if small else 3),
         workers=cifar.parse_args([]).num_workers,  # cifar10_lightning.py's default on this machine
         mnist_images=2_000 if small else 55_000,
         tmp=Path(tempfile.mkdtemp(prefix="benchmark-logs-")),  # the Trainers' logs are not results
@@ -337,14 +344,18 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(device), "config": {"model": cfg.model, "batch_size": cfg.batch,
-              "timed_steps": cfg.steps, "warmup_steps": cfg.warmup, "workers": cfg.workers},
+              "timed_steps": cfg.steps, "warmup_steps": cfg.warmup, "workers": cfg.workers,
+              "rounds": cfg.rounds},
               "results": [], "ratios": {}}
     results = report["results"]
 
     last_row = [time.perf_counter()]
 
-    def record(group, name, value, unit="images/s"):
-        results.append({"group": group, "name": name, "value": round(value, 3 if unit == "s" else 0), "unit": unit})
+    def record(group, name, value, unit="images/s", runs=None):
+        row = {"group": group, "name": name, "value": round(value, 3 if unit == "s" else 0), "unit": unit}
+        if runs:  # a row measured several times: value is their median, runs keeps each one
+            row["runs"] = [round(r) for r in runs]
+        results.append(row)
         took, last_row[0] = time.perf_counter() - last_row[0], time.perf_counter()  # to plan a GPU booking
         print(f"{group:<10} {name:<46} {value:>12,.{3 if unit == 's' else 0}f} {unit:<8} (row took {took:.0f} s)",
               flush=True)
@@ -352,14 +363,22 @@ def main(argv=None):
         write_results(report, out)  # after every row: a run that is cut short keeps what it measured
 
     bf16 = "bf16-mixed" if device.type == "cuda" else "32-true"
+    # The two rows that the lesson's claim rests on. One run of a row can differ from the next by
+    # a tenth or more on a shared machine, and a single run of each, minutes apart, can decide
+    # the comparison by chance. So they take turns, and each row shows its median: a slow
+    # moment of the machine falls on both, and one odd run moves neither median far.
+    plain_runs, script_runs = [], []
+    for _ in range(cfg.rounds):
+        plain_runs.append(plain_cifar_loop(cfg, images, labels, "bf16" if device.type == "cuda" else "fp32"))
+        script_runs.append(lightning_cifar(cfg, images, labels, bf16, progress=10))
     record("reference", "plain loop, data on device, bf16" if device.type == "cuda" else "plain loop, fp32",
-           plain_cifar_loop(cfg, images, labels, "bf16" if device.type == "cuda" else "fp32"))
+           statistics.median(plain_runs), runs=plain_runs)
+    record("lightning", "script path (progress bar every 10 steps)", statistics.median(script_runs),
+           runs=script_runs)
     if device.type == "cuda":
         record("precision", "plain loop, fp32 (TF32 matmuls)", plain_cifar_loop(cfg, images, labels, "fp32"))
         record("layout", "plain loop, bf16, without channels_last",
                plain_cifar_loop(cfg, images, labels, "bf16", channels_last=False))
-    record("lightning", "script path (progress bar every 10 steps)",
-           lightning_cifar(cfg, images, labels, bf16, progress=10))
     record("lightning", "no progress bar", lightning_cifar(cfg, images, labels, bf16))
     record("lightning", "progress bar every step (Lightning default)",
            lightning_cifar(cfg, images, labels, bf16, progress=1))
@@ -439,8 +458,9 @@ def write_results(report, out: Path):
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["group", "run", "value", "unit"])
-        writer.writerows([r["group"], r["name"], f"{r['value']:,.{3 if r['unit'] == 's' else 0}f}", r["unit"]]
+        writer.writerow(["group", "run", "value", "unit", "separate runs (value: their median)"])
+        writer.writerows([r["group"], r["name"], f"{r['value']:,.{3 if r['unit'] == 's' else 0}f}", r["unit"],
+                          " / ".join(f"{v:,}" for v in r.get("runs", []))]
                          for r in report["results"])
 
 
@@ -459,6 +479,8 @@ def plot(report, path):
                "strategy": "#b5533c",
                "data": "#6b8e23", "compile": "#7b4ea3"}
     ax.barh([r["name"] for r in rows], [r["value"] for r in rows], color=[colours.get(r["group"], "grey") for r in rows])
+    for y, r in enumerate(rows):  # the separate runs of a row measured in turns, as ticks on its bar
+        ax.plot(r.get("runs", []), [y] * len(r.get("runs", [])), "|", color="black", markersize=9)
     ax.invert_yaxis()
     ax.set_xlabel("images per second: trained, or delivered by a data path alone (higher is better)")
     env = report["environment"]
