@@ -343,6 +343,7 @@ class RequeueOnSignal(L.Callback):
     def __init__(self, check_every_n_steps: int = 10):
         self.check_every_n_steps = check_every_n_steps
         self.signalled = False
+        self.check_due = False
 
     def setup(self, trainer, pl_module, stage):
         # Before any DataLoader worker starts: SLURM signals every process of the job
@@ -351,8 +352,13 @@ class RequeueOnSignal(L.Callback):
                       lambda signum, frame: setattr(self, "signalled", True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.check_every_n_steps:
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self.check_due = True
+        # Not at an epoch's last step: resumed from there, training would go on with
+        # the next epoch, and this one would never be validated. Wait one step.
+        if not self.check_due or trainer.is_last_batch:
             return
+        self.check_due = False
         # A collective (all ranks call it at this step): True if any was signalled.
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return

@@ -1,6 +1,8 @@
 """The MNIST scripts, run as a learner runs them, on CPU and tiny learnable data."""
 
 import re
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -171,6 +173,48 @@ def test_last_checkpoint_records_the_best_checkpoint_of_its_own_epoch(mnist_dir,
     [best_file] = (out / "checkpoints").glob("best-epoch=0-*.ckpt")
     assert best["best_model_path"] == str(best_file)
     assert best["best_model_score"] == pytest.approx(last_value(read_metrics(out), "val_acc"))
+
+
+@pytest.mark.parametrize("script, batch", [("mnist_lightning", 128), ("cifar10_lightning", 90)])
+def test_requeue_signal_near_an_epochs_end_waits_for_its_validation(mnist_dir, cifar_dir, tmp_path,
+                                                                      monkeypatch, script, batch):
+    # Five steps per epoch for both tiny data sets (550 MNIST images with the last smaller
+    # batch, 450 CIFAR-10 images without it), so the callback's check every tenth step
+    # falls on the last step of epoch 1. A checkpoint saved there would resume in epoch 2,
+    # and epoch 1 would never be validated: the check has to wait one step.
+    module = load_example(script)
+    data = mnist_dir if script.startswith("mnist") else cifar_dir
+    out = tmp_path / "run"
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242",
+                        "SLURM_NODELIST": "node1", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+                        "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(name, value)
+    requeues, run = [], subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k:
+                        requeues.append(cmd) if cmd[0] == "scontrol" else run(cmd, *a, **k))
+    check = module.RequeueOnSignal.on_train_batch_end
+
+    def signal_in_the_first_step_of_epoch_1(self, trainer, *args):
+        if trainer.global_step == 6 and not self.signalled:
+            signal.raise_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
+        return check(self, trainer, *args)
+
+    monkeypatch.setattr(module.RequeueOnSignal, "on_train_batch_end", signal_in_the_first_step_of_epoch_1)
+    args = ["--data-dir", str(data), "--output-dir", str(out), *CPU, "--no-progress-bar", "--num-workers", "0",
+            "--max-epochs", "3", "--batch-size", str(batch)]
+    handler = signal.getsignal(signal.SIGUSR1)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            module.main(args)
+        assert stopped.value.code == 0
+        assert requeues == [["scontrol", "requeue", "4242"]]
+        saved = torch.load(out / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+        assert saved["global_step"] == 11  # the first step of epoch 2, not the last of epoch 1
+        module.main(args + ["--resume"])  # the requeued job starts again
+    finally:
+        signal.signal(signal.SIGUSR1, handler)
+    validated = [int(r["epoch"]) for r in read_metrics(out) if r.get("val_acc")]
+    assert validated == [0, 1, 2]
 
 
 @pytest.mark.parametrize("device, expected", [("gpu", "not a device name"), ("cuda:7", "PyTorch sees no GPU")])
