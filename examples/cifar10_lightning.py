@@ -402,13 +402,23 @@ def can_reach(url: str, timeout: float = 5.0) -> bool:
 
 
 def check_slurm_tasks(devices, num_nodes: int):
-    """Stop early if the SLURM allocation cannot match --devices x --num-nodes.
+    """Stop early if the script was started without srun in a job of several tasks,
+    or if the SLURM allocation cannot match --devices x --num-nodes.
 
-    Lightning checks this itself for DDP, but not for FSDP, where a mismatch hangs.
+    Lightning checks the second itself for DDP, but not for FSDP, where a mismatch hangs.
     """
     ntasks = os.environ.get("SLURM_NTASKS")
     if ntasks is None or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
         return
+    # srun gives every task it starts a step id; the job script itself has none. Run
+    # without srun, only this one process starts, and it waits for the others until
+    # the job's time runs out.
+    if int(ntasks) > 1 and "SLURM_STEP_ID" not in os.environ:
+        sys.exit(
+            f"error: this SLURM job has {ntasks} tasks but the script was not started "
+            f"by srun, so only one of them runs; start it with srun python ..., as "
+            f"the lesson's job templates do"
+        )
     if isinstance(devices, int) and int(ntasks) != devices * num_nodes:
         sys.exit(
             f"error: SLURM started {ntasks} tasks but --devices {devices} x "

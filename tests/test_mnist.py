@@ -103,10 +103,28 @@ def test_bad_flags_give_one_clear_line(mnist_script, capsys, flags, expected):
 
 
 def test_slurm_task_count_mismatch_is_refused(mnist_dir, tmp_path):
-    slurm = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0"}
+    slurm = {"SLURM_NTASKS": "3", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}
     result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", tmp_path,
                         *CPU, "--devices", 2, "--strategy", "ddp", env=slurm)
     assert_clean_error(result, "SLURM started 3 tasks but --devices 2 x --num-nodes 1 = 2")
+
+
+@pytest.mark.parametrize("script", ["mnist_lightning", "cifar10_lightning"])
+def test_several_slurm_tasks_without_srun_are_refused(script, monkeypatch, capsys):
+    # A job script's own shell has no step id; every task that srun starts has one.
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    module = load_example(script)
+    with pytest.raises(SystemExit) as stopped:
+        module.check_slurm_tasks(2, 1)  # the counts match: only the missing srun is wrong
+    assert str(stopped.value.code).startswith("error: this SLURM job has 2 tasks but the script was not "
+                                              "started by srun")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # started by srun
+    module.check_slurm_tasks(2, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task needs no srun
+    monkeypatch.delenv("SLURM_STEP_ID")
+    module.check_slurm_tasks(1, 1)
 
 
 def test_offline_missing_data_gives_clear_message(tmp_path):

@@ -90,14 +90,16 @@ def job_env(tmp_path_factory) -> dict:
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def sbatch(tmp_path: Path, env: dict, name: str, *script_args, opts=(), wait=True, timeout=150):
-    """Submit slurm/<name> from the repository root, as a user does; return (job id, job fields).
+def sbatch(tmp_path: Path, env: dict, name: str | Path, *script_args, opts=(), wait=True, timeout=150):
+    """Submit slurm/<name> (or a job script of the test's own, given as a Path) from the
+    repository root, as a user does; return (job id, job fields).
 
     The job's log goes to tmp_path; opts are sbatch options, script_args go after the template.
     With wait, poll until the job has ended. (`sbatch --wait` would do, but it checks after 2,
     10, 42 and 170 s, which makes a 12-second job take 42.)
     """
-    cmd = ["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", *opts, str(template(name)),
+    job_script = name if isinstance(name, Path) else template(name)
+    cmd = ["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", *opts, str(job_script),
            *map(str, script_args)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     match = re.match(r"(\d+)", result.stdout)
@@ -306,6 +308,25 @@ def test_task_count_that_does_not_match_devices_stops_with_one_clear_line(
     assert expected in log, log[-3000:]
     assert "Traceback" not in log
     assert "finished after" not in log
+
+
+def test_script_started_without_srun_in_a_job_of_two_tasks_stops_with_one_clear_line(
+        cluster, job_env, mnist_dir, tmp_path):
+    # The classic mistake: the job asks for two tasks, but its script runs python itself.
+    # Only one process starts, and without the check it would wait for the second one
+    # until the time limit ends the job.
+    job_script = tmp_path / "without-srun.sbatch"
+    job_script.write_text(
+        "#!/bin/bash\n#SBATCH --job-name=without-srun\n#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=2\n"
+        "#SBATCH --time=1\n"
+        'python examples/mnist_lightning.py --accelerator cpu --devices "$SLURM_NTASKS_PER_NODE" "$@"\n')
+    env = {**job_env, "DATA_DIR": str(mnist_dir)}
+    job, fields = sbatch(tmp_path, env, job_script, "--data-dir", mnist_dir, "--output-dir", tmp_path / "run",
+                         opts=list(ON_TEST_CLUSTER))
+    log = job_log(tmp_path, job)
+    assert fields["JobState"] == "FAILED", log[-3000:]
+    assert "error: this SLURM job has 2 tasks but the script was not started by srun" in log, log[-3000:]
+    assert "Traceback" not in log
 
 
 def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluster, job_env, mnist_dir, tmp_path):
