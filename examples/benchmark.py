@@ -8,8 +8,8 @@ CIFAR-10's shape (the speed does not depend on what the pixels show):
   run in turns with the reference (--rounds), because the comparison rests on these two;
 - the knobs the lesson discusses: fp32 vs bf16, channels_last, torch.compile (default,
   reduce-overhead and max-autotune), the progress bar, a training loss shown on it, the
-  logger, the data in host memory, DDP and FSDP on one device, the classic per-image PIL
-  pipeline;
+  logger, self.log itself, the data in host memory, DDP and FSDP on one device, the classic
+  per-image PIL pipeline;
 - the MNIST script's epoch time against a plain loop over GPU tensors.
 
     python benchmark.py                     # on a GPU: the full set, a few minutes
@@ -144,13 +144,21 @@ class LossOnProgressBar(cifar.LitClassifier):
         return loss
 
 
+class NothingLogged(cifar.LitClassifier):
+    """The script's module with self.log switched off: what logging one value per step costs
+    the host (Lightning stores and checks every logged value, whether the logger writes it or not)."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+
 def lightning_cifar(cfg, images, labels, precision="bf16-mixed", strategy="auto", progress=None,
                     logger=True, compile_mode=None, wrap="block", num_workers=None, data_on_device=None,
-                    timer=None, loss_on_bar=False) -> float:
-    """The script's LightningModule and data module under a Trainer, as cifar10_lightning.py builds it.
-    Pass a Throughput as timer to read more than the images/s afterwards."""
+                    timer=None, module=cifar.LitClassifier) -> float:
+    """The script's LightningModule (or a variant: module) and data module under a Trainer, as
+    cifar10_lightning.py builds them. Pass a Throughput as timer to read more than the images/s."""
     L.seed_everything(0, verbose=False)
-    model = (LossOnProgressBar if loss_on_bar else cifar.LitClassifier)(cfg.model, lr=0.05)
+    model = module(cfg.model, lr=0.05)
     if compile_mode:
         torch._dynamo.reset()  # compile afresh: the warm-up then includes all of it
         model.net.compile(mode=compile_mode)
@@ -383,8 +391,10 @@ def main(argv=None):
     record("lightning", "progress bar every step (Lightning default)",
            lightning_cifar(cfg, images, labels, bf16, progress=1))
     record("lightning", "no progress bar, no logger", lightning_cifar(cfg, images, labels, bf16, logger=False))
+    record("lightning", "nothing logged (self.log switched off)",
+           lightning_cifar(cfg, images, labels, bf16, progress=10, module=NothingLogged))
     record("lightning", "loss on the progress bar, read back every step",
-           lightning_cifar(cfg, images, labels, bf16, progress=10, loss_on_bar=True))
+           lightning_cifar(cfg, images, labels, bf16, progress=10, module=LossOnProgressBar))
     record("data", "script with --no-data-on-device (host memory)",
            lightning_cifar(cfg, images, labels, bf16, progress=10, data_on_device=False))
     record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
@@ -437,6 +447,8 @@ RATIOS = {
                                              "script path (progress bar every 10 steps)"),
     "loss_on_bar_vs_script": ("loss on the progress bar, read back every step",
                               "script path (progress bar every 10 steps)"),
+    "nothing_logged_vs_script": ("nothing logged (self.log switched off)",
+                                 "script path (progress bar every 10 steps)"),
     "compiled_script_vs_plain": ("script path + --compile", "reference"),
     "reduce_overhead_script_vs_plain": ("script path + --compile --compile-mode reduce-overhead", "reference"),
     "max_autotune_script_vs_plain": ("script path + --compile --compile-mode max-autotune", "reference"),
