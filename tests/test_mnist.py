@@ -243,4 +243,3 @@ def test_plain_script_refuses_a_device_it_cannot_use_in_one_line(capsys, device,
     with pytest.raises(SystemExit) as stopped:
         plain.main(["--device", device, "--data-dir", "no-such-folder"])  # before any data
     assert str(stopped.value.code).startswith(f"error: --device {device}: {expected}")
-

@@ -320,8 +320,7 @@ def test_script_started_without_srun_in_a_job_of_two_tasks_stops_with_one_clear_
         "#!/bin/bash\n#SBATCH --job-name=without-srun\n#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=2\n"
         "#SBATCH --time=1\n"
         'python examples/mnist_lightning.py --accelerator cpu --devices "$SLURM_NTASKS_PER_NODE" "$@"\n')
-    env = {**job_env, "DATA_DIR": str(mnist_dir)}
-    job, fields = sbatch(tmp_path, env, job_script, "--data-dir", mnist_dir, "--output-dir", tmp_path / "run",
+    job, fields = sbatch(tmp_path, job_env, job_script, "--data-dir", mnist_dir, "--output-dir", tmp_path / "run",
                          opts=list(ON_TEST_CLUSTER))
     log = job_log(tmp_path, job)
     assert fields["JobState"] == "FAILED", log[-3000:]
