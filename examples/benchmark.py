@@ -6,15 +6,19 @@ CIFAR-10's shape (the speed does not depend on what the pixels show):
 - a plain PyTorch loop over images already on the GPU: the reference;
 - the Lightning script's own path (training images on the GPU, batch augmentation there),
   run in turns with the reference (--rounds), because the comparison rests on these two;
-- the knobs the lesson discusses: fp32 vs bf16, channels_last, torch.compile (default,
-  reduce-overhead and max-autotune), the progress bar, a training loss shown on it, the
-  logger, self.log itself, the data in host memory, DDP and FSDP on one device, the classic
-  per-image PIL pipeline;
+- the same pair at larger batches: Lightning's Python costs the same per step whatever the
+  batch, so a batch that gives the GPU more work per step shows how much of the gap is
+  the host's;
+- the knobs the lesson discusses: fp32 vs bf16, channels_last, the progress bar, a training
+  loss shown on it, the logger, self.log itself, the data in host memory, DDP and FSDP on one
+  device, the classic per-image PIL pipeline, torch.compile (default, max-autotune, and
+  reduce-overhead for the plain loop too);
 - the MNIST script's epoch time against a plain loop over GPU tensors.
 
     python benchmark.py                     # on a GPU: the full set, a few minutes
     python benchmark.py --small             # anywhere: a tiny model and a few steps
     python benchmark.py --out results/      # results.json, results.csv, results.svg
+    python benchmark.py --only larger-batches   # only the pair: batch 512, 1024, 2048
 
 Keep it next to cifar10_lightning.py and mnist_lightning.py: it imports both.
 """
@@ -309,6 +313,11 @@ def environment(device) -> dict:
     }
 
 
+# Groups of rows for --skip and --only. The pair at the top always runs: every ratio needs it.
+GROUPS = ["larger-batches", "knobs", "fsdp", "loader", "classic", "mnist",
+          "compile", "plain-compile", "reduce-overhead", "max-autotune"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true",
@@ -319,8 +328,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default: 150, or 5 with --small)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="runs of the plain loop and of the script's path, alternately (default: 3, or 2 with --small)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["compile", "plain-compile", "reduce-overhead", "max-autotune", "fsdp", "classic", "mnist"],
-                        help="leave out slow groups")
+    parser.add_argument("--larger-batches", type=int, nargs="*", default=None,
+                        help="batch sizes for the pair again (default: 2 and 4 times --batch-size, "
+                             "or 2 times with --small)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=GROUPS, help="leave out these groups of rows")
+    parser.add_argument("--only", nargs="*", default=[], choices=GROUPS,
+                        help="after the pair, run only these groups of rows")
     parser.add_argument("--out", default="benchmark-results", help="folder for results.json/.csv/.svg")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
@@ -335,6 +348,8 @@ def main(argv=None):
         warmup=3 if small else 30,
         steps=args.steps or (5 if small else 150),
         rounds=args.rounds or (2 if small else 3),
+        larger_batches=args.larger_batches if args.larger_batches is not None else
+        [2 * (args.batch_size or (32 if small else 512))] + ([] if small else [4 * (args.batch_size or 512)]),
         workers=cifar.parse_args([]).num_workers,  # cifar10_lightning.py's default on this machine
         mnist_images=2_000 if small else 55_000,
         tmp=Path(tempfile.mkdtemp(prefix="benchmark-logs-")),  # the Trainers' logs are not results
@@ -342,6 +357,11 @@ def main(argv=None):
     skip = set(args.skip) | ({"compile", "fsdp"} if small else set())
     if device.type != "cuda":
         skip.add("fsdp")
+    only = set(args.only)
+
+    def wanted(*groups):
+        """A group of rows runs unless one of its names is skipped, or --only names none of them."""
+        return not skip & set(groups) and (not only or bool(only & set(groups)))
     n_images = 2_000 if small else 50_000
     torch.manual_seed(0)
     images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8)
@@ -353,7 +373,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(device), "config": {"model": cfg.model, "batch_size": cfg.batch,
               "timed_steps": cfg.steps, "warmup_steps": cfg.warmup, "workers": cfg.workers,
-              "rounds": cfg.rounds},
+              "rounds": cfg.rounds, "larger_batches": cfg.larger_batches},
               "results": [], "ratios": {}}
     results = report["results"]
 
@@ -375,58 +395,75 @@ def main(argv=None):
     # a tenth or more on a shared machine, and a single run of each, minutes apart, can decide
     # the comparison by chance. So they take turns, and each row shows its median: a slow
     # moment of the machine falls on both, and one odd run moves neither median far.
-    plain_runs, script_runs = [], []
-    for _ in range(cfg.rounds):
-        plain_runs.append(plain_cifar_loop(cfg, images, labels, "bf16" if device.type == "cuda" else "fp32"))
-        script_runs.append(lightning_cifar(cfg, images, labels, bf16, progress=10))
+    def pair(cfg):
+        plain_runs, script_runs = [], []
+        for _ in range(cfg.rounds):
+            plain_runs.append(plain_cifar_loop(cfg, images, labels, "bf16" if device.type == "cuda" else "fp32"))
+            script_runs.append(lightning_cifar(cfg, images, labels, bf16, progress=10))
+        return plain_runs, script_runs
+
+    plain_runs, script_runs = pair(cfg)
     record("reference", "plain loop, data on device, bf16" if device.type == "cuda" else "plain loop, fp32",
            statistics.median(plain_runs), runs=plain_runs)
     record("lightning", "script path (progress bar every 10 steps)", statistics.median(script_runs),
            runs=script_runs)
-    if device.type == "cuda":
-        record("precision", "plain loop, fp32 (TF32 matmuls)", plain_cifar_loop(cfg, images, labels, "fp32"))
-        record("layout", "plain loop, bf16, without channels_last",
-               plain_cifar_loop(cfg, images, labels, "bf16", channels_last=False))
-    record("lightning", "no progress bar", lightning_cifar(cfg, images, labels, bf16))
-    record("lightning", "progress bar every step (Lightning default)",
-           lightning_cifar(cfg, images, labels, bf16, progress=1))
-    record("lightning", "no progress bar, no logger", lightning_cifar(cfg, images, labels, bf16, logger=False))
-    record("lightning", "nothing logged (self.log switched off)",
-           lightning_cifar(cfg, images, labels, bf16, progress=10, module=NothingLogged))
-    record("lightning", "loss on the progress bar, read back every step",
-           lightning_cifar(cfg, images, labels, bf16, progress=10, module=LossOnProgressBar))
-    record("data", "script with --no-data-on-device (host memory)",
-           lightning_cifar(cfg, images, labels, bf16, progress=10, data_on_device=False))
-    record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
-    if "fsdp" not in skip:
+    if wanted("larger-batches"):
+        # Lightning's hooks and self.log cost the CPU the same time per step at any batch size;
+        # with more images per step the GPU's share grows, and the CPU can stay ahead of it.
+        for batch in cfg.larger_batches:
+            plain_runs, script_runs = pair(types.SimpleNamespace(**{**vars(cfg), "batch": batch}))
+            record("batch", f"plain loop, batch {batch}", statistics.median(plain_runs), runs=plain_runs)
+            record("batch", f"script path, batch {batch}", statistics.median(script_runs), runs=script_runs)
+    if wanted("knobs"):
+        if device.type == "cuda":
+            record("precision", "plain loop, fp32 (TF32 matmuls)", plain_cifar_loop(cfg, images, labels, "fp32"))
+            record("layout", "plain loop, bf16, without channels_last",
+                   plain_cifar_loop(cfg, images, labels, "bf16", channels_last=False))
+        record("lightning", "no progress bar", lightning_cifar(cfg, images, labels, bf16))
+        record("lightning", "progress bar every step (Lightning default)",
+               lightning_cifar(cfg, images, labels, bf16, progress=1))
+        record("lightning", "no progress bar, no logger", lightning_cifar(cfg, images, labels, bf16, logger=False))
+        record("lightning", "nothing logged (self.log switched off)",
+               lightning_cifar(cfg, images, labels, bf16, progress=10, module=NothingLogged))
+        record("lightning", "loss on the progress bar, read back every step",
+               lightning_cifar(cfg, images, labels, bf16, progress=10, module=LossOnProgressBar))
+        record("data", "script with --no-data-on-device (host memory)",
+               lightning_cifar(cfg, images, labels, bf16, progress=10, data_on_device=False))
+        record("strategy", "DDP on one device", lightning_cifar(cfg, images, labels, bf16, strategy="ddp"))
+    if wanted("fsdp"):
         for wrap in ("none", "block", "size"):
             record("strategy", f"FSDP on one device (runs as NO_SHARD), wrap policy {wrap}",
                    lightning_cifar(cfg, images, labels, bf16, strategy="fsdp", wrap=wrap))
-    record("data", "script's DataLoader alone (uint8, no training)", loader_alone(cfg, images, labels))
-    if "classic" not in skip:
+    if wanted("loader"):
+        record("data", "script's DataLoader alone (uint8, no training)", loader_alone(cfg, images, labels))
+    if wanted("classic"):
         for workers in sorted({min(w, mnist.usable_cpus()) for w in ((0,) if small else (4, 8, 15))}):
             record("data", f"classic PIL pipeline alone, {workers} workers",
                    classic_pipeline(cfg, images, labels, workers))
     # The slowest group, compiling, comes last: a run that is cut short still has the rest.
-    if "mnist" not in skip:
+    if wanted("mnist"):
         record("mnist", "plain loop over tensors on the device, one epoch", mnist_epoch_seconds(cfg, False), "s")
         record("mnist", "mnist_lightning.py path, one epoch", mnist_epoch_seconds(cfg, True), "s")
         record("mnist", "mnist_lightning.py path, no loader workers", mnist_epoch_seconds(cfg, True, 0), "s")
-    if "compile" not in skip:
+    if wanted("compile"):
         timer = Throughput(cfg.warmup, cfg.batch)
         record("compile", "script path + --compile", lightning_cifar(cfg, images, labels, bf16, progress=10,
                                                                       compile_mode="default", timer=timer))
         record("compile", f"script path + --compile: first {cfg.warmup} steps incl. compiling",
                timer.warmup_seconds, "s")
-    if not {"compile", "plain-compile"} & skip:
+    if wanted("compile", "plain-compile"):
         record("compile", "plain loop + torch.compile", plain_cifar_loop(cfg, images, labels, "bf16", "default"))
-    if not {"compile", "reduce-overhead"} & skip:  # CUDA graphs: far fewer kernel launches for the CPU
+    if wanted("compile", "reduce-overhead"):
+        # CUDA graphs: the GPU replays a recorded pass, and the CPU no longer launches every kernel.
+        # The plain loop gets them too, so that the two compiled rows also do the same work.
         timer = Throughput(cfg.warmup, cfg.batch)
         record("compile", "script path + --compile --compile-mode reduce-overhead",
                lightning_cifar(cfg, images, labels, bf16, progress=10, compile_mode="reduce-overhead", timer=timer))
         record("compile", f"script path + reduce-overhead: first {cfg.warmup} steps incl. compiling",
                timer.warmup_seconds, "s")
-    if not {"compile", "max-autotune"} & skip:  # the slowest row of all: last
+        record("compile", "plain loop + torch.compile reduce-overhead",
+               plain_cifar_loop(cfg, images, labels, "bf16", "reduce-overhead"))
+    if wanted("compile", "max-autotune"):  # the slowest row of all: last
         timer = Throughput(cfg.warmup, cfg.batch)
         record("compile", "script path + --compile --compile-mode max-autotune",
                lightning_cifar(cfg, images, labels, bf16, progress=10, compile_mode="max-autotune", timer=timer))
@@ -451,6 +488,8 @@ RATIOS = {
                                  "script path (progress bar every 10 steps)"),
     "compiled_script_vs_plain": ("script path + --compile", "reference"),
     "reduce_overhead_script_vs_plain": ("script path + --compile --compile-mode reduce-overhead", "reference"),
+    "reduce_overhead_script_vs_plain_reduce_overhead": ("script path + --compile --compile-mode reduce-overhead",
+                                                        "plain loop + torch.compile reduce-overhead"),
     "max_autotune_script_vs_plain": ("script path + --compile --compile-mode max-autotune", "reference"),
     "channels_last_vs_contiguous": ("reference", "plain loop, bf16, without channels_last"),
     "mnist_lightning_epoch_vs_plain": ("mnist_lightning.py path, one epoch",
@@ -463,7 +502,12 @@ RATIOS = {
 def ratios_of(results) -> dict:
     value = {r["name"]: r["value"] for r in results}
     value["reference"] = results[0]["value"]  # the first row, the plain loop
-    return {name: round(value[a] / value[b], 3) for name, (a, b) in RATIOS.items() if a in value and b in value}
+    pairs = dict(RATIOS)
+    for r in results:  # the pair again at a larger batch: script_vs_plain_batch_1024 and so on
+        if r["name"].startswith("script path, batch "):
+            batch = r["name"].rsplit(" ", 1)[1]
+            pairs[f"script_vs_plain_batch_{batch}"] = (r["name"], f"plain loop, batch {batch}")
+    return {name: round(value[a] / value[b], 3) for name, (a, b) in pairs.items() if a in value and b in value}
 
 
 def write_results(report, out: Path):

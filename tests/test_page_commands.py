@@ -403,10 +403,12 @@ def test_benchmark_exercise_writes_complete_consistent_results(folders):
     assert names[0].startswith("plain loop")  # the reference comes first
     assert "script path (progress bar every 10 steps)" in names
     assert all(r["value"] > 0 for r in report["results"])
-    # The two rows the comparison rests on ran in turns, twice each in the small mode; each
-    # shows the median of its runs, and no other row claims more than one run.
+    # The two rows the comparison rests on ran in turns, twice each in the small mode, and so
+    # did the same pair at twice the batch; each shows the median of its runs, and no other
+    # row claims more than one run.
     repeated = {r["name"]: r["runs"] for r in report["results"] if "runs" in r}
-    assert set(repeated) == {names[0], "script path (progress bar every 10 steps)"}
+    assert set(repeated) == {names[0], "script path (progress bar every 10 steps)",
+                             "plain loop, batch 64", "script path, batch 64"}
     for name, runs in repeated.items():
         assert len(runs) == report["config"]["rounds"] == 2
         assert abs(statistics.median(runs) - next(r["value"] for r in report["results"] if r["name"] == name)) <= 1
@@ -414,9 +416,27 @@ def test_benchmark_exercise_writes_complete_consistent_results(folders):
     value = {r["name"]: r["value"] for r in report["results"]}
     expected = value["script path (progress bar every 10 steps)"] / report["results"][0]["value"]
     assert abs(report["ratios"]["lightning_script_vs_plain"] - expected) < 0.01
+    expected = value["script path, batch 64"] / value["plain loop, batch 64"]
+    assert abs(report["ratios"]["script_vs_plain_batch_64"] - expected) < 0.01
     with open(out / "results.csv", newline="") as f:
         assert [row["run"] for row in csv.DictReader(f)] == names
     assert (out / "results.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_benchmark_only_runs_the_pair_and_the_groups_it_names(tmp_path):
+    # --only larger-batches: the pair the page compares, then the same pair at the batches
+    # asked for, and none of the other rows (a GPU booking measures what it came for).
+    out = tmp_path / "pair"
+    done = subprocess.run([sys.executable, REPO / "examples" / "benchmark.py", "--small", "--rounds", "1",
+                           "--steps", "2", "--only", "larger-batches", "--larger-batches", "48", "--out", out],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in report["results"]] == [
+        "plain loop, fp32", "script path (progress bar every 10 steps)",
+        "plain loop, batch 48", "script path, batch 48"]
+    assert set(report["ratios"]) == {"lightning_script_vs_plain", "script_vs_plain_batch_48"}
+    assert report["config"]["larger_batches"] == [48]
 
 
 # ------------------------------------------------------------- the bookkeeping
