@@ -348,12 +348,12 @@ def main(argv=None):
         warmup=3 if small else 30,
         steps=args.steps or (5 if small else 150),
         rounds=args.rounds or (2 if small else 3),
-        larger_batches=args.larger_batches if args.larger_batches is not None else
-        [2 * (args.batch_size or (32 if small else 512))] + ([] if small else [4 * (args.batch_size or 512)]),
         workers=cifar.parse_args([]).num_workers,  # cifar10_lightning.py's default on this machine
         mnist_images=2_000 if small else 55_000,
         tmp=Path(tempfile.mkdtemp(prefix="benchmark-logs-")),  # the Trainers' logs are not results
     )
+    cfg.larger_batches = (args.larger_batches if args.larger_batches is not None
+                          else [2 * cfg.batch] if small else [2 * cfg.batch, 4 * cfg.batch])
     skip = set(args.skip) | ({"compile", "fsdp"} if small else set())
     if device.type != "cuda":
         skip.add("fsdp")
@@ -362,6 +362,7 @@ def main(argv=None):
     def wanted(*groups):
         """A group of rows runs unless one of its names is skipped, or --only names none of them."""
         return not skip & set(groups) and (not only or bool(only & set(groups)))
+
     n_images = 2_000 if small else 50_000
     torch.manual_seed(0)
     images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8)
