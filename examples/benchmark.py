@@ -354,6 +354,11 @@ def main(argv=None):
     )
     cfg.larger_batches = (args.larger_batches if args.larger_batches is not None
                           else [2 * cfg.batch] if small else [2 * cfg.batch, 4 * cfg.batch])
+    n_images = 2_000 if small else 50_000
+    # The plain loop slices its batches out of the synthetic images: each batch needs fewer.
+    if not all(0 < b < n_images for b in [cfg.batch, *cfg.larger_batches]):
+        parser.error(f"--batch-size and --larger-batches must be between 1 and {n_images - 1:,} "
+                     f"(the number of synthetic images{' in the small mode' if small else ''}, less one)")
     skip = set(args.skip) | ({"compile", "fsdp"} if small else set())
     if device.type != "cuda":
         skip.add("fsdp")
@@ -363,7 +368,6 @@ def main(argv=None):
         """A group of rows runs unless one of its names is skipped, or --only names none of them."""
         return not skip & set(groups) and (not only or bool(only & set(groups)))
 
-    n_images = 2_000 if small else 50_000
     torch.manual_seed(0)
     images = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (n_images,))

@@ -439,6 +439,16 @@ def test_benchmark_only_runs_the_pair_and_the_groups_it_names(tmp_path):
     assert report["config"]["larger_batches"] == [48]
 
 
+def test_benchmark_batch_larger_than_its_data_stops_with_one_clear_line(tmp_path):
+    done = subprocess.run([sys.executable, REPO / "examples" / "benchmark.py", "--small",
+                           "--larger-batches", "64", "5000", "--out", tmp_path / "bad"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert ("error: --batch-size and --larger-batches must be between 1 and 1,999 "
+            "(the number of synthetic images in the small mode, less one)") in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------- the bookkeeping
 
 def test_pages_have_commands_to_run():
