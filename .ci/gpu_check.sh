@@ -2,7 +2,7 @@
 # Everything the lesson measures and checks on a GPU, in one go, for a GPU machine that is
 # lent for minutes: the benchmark behind the "Making it fast" page first, then the GPU tests.
 #
-#   tests/gpu_check.sh OUT_DIR [pytest -k expression]
+#   .ci/gpu_check.sh OUT_DIR [pytest -k expression]
 #
 # Run it from the repository's top folder on the GPU machine; it writes into OUT_DIR:
 #   env.txt           the card, the driver, the versions
@@ -11,7 +11,7 @@
 #   gpu-tests.log     pytest -v of the GPU tests (tests/test_gpu.py and the pages' GPU commands)
 # Each part has its own time limit, so a slow part cannot eat the next one's time.
 set -u
-out=${1:?usage: tests/gpu_check.sh OUT_DIR [pytest -k expression]}
+out=${1:?usage: .ci/gpu_check.sh OUT_DIR [pytest -k expression]}
 select=${2:-}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1

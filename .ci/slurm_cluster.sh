@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A throwaway two-node SLURM cluster on this one machine, for the job-template tests.
 #
-#   tests/slurm_cluster.sh start    start it (again: a no-op when it already answers)
-#   tests/slurm_cluster.sh stop     stop the daemons this script started, remove its state
-#   tests/slurm_cluster.sh status   show the nodes; exit 1 when the cluster does not answer
+#   .ci/slurm_cluster.sh start    start it (again: a no-op when it already answers)
+#   .ci/slurm_cluster.sh stop     stop the daemons this script started, remove its state
+#   .ci/slurm_cluster.sh status   show the nodes; exit 1 when the cluster does not answer
 #
 # Needs root and Debian's packages `slurm-wlm` and `munge`. One slurmctld and two slurmd
 # daemons run on this host; `slurmd -N n1` and `slurmd -N n2` each pretend to be a node,
@@ -21,7 +21,7 @@ set -euo pipefail
 STATE_DIR=${LESSON_SLURM_STATE:-/var/tmp/lesson-slurm}
 CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
-MARKER="# Written by the lesson's tests/slurm_cluster.sh: a throwaway test cluster."
+MARKER="# Written by the lesson's .ci/slurm_cluster.sh: a throwaway test cluster."
 HOSTS_MARKER="# lesson-slurm-test-nodes"
 NODES=(n1 n2)
 
@@ -55,7 +55,7 @@ write_config() {
     mkdir -p "$CONF_DIR" "$STATE_DIR/ctld"
     cat >"$CONF" <<EOF
 $MARKER
-# Delete it with: tests/slurm_cluster.sh stop
+# Delete it with: .ci/slurm_cluster.sh stop
 ClusterName=lesson
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root

@@ -4,18 +4,22 @@ The scripts' real loading code reads these files, so a run on them exercises the
 a run on the real data does, in seconds. Each class is drawn so that its label is visible
 in the pixels: a model that learns anything at all scores far above chance.
 
-    python tests/tiny_data.py tiny      # writes tiny/MNIST/raw/ and tiny/cifar-10-batches-py/
+    python examples/tiny_data.py tiny      # writes tiny/MNIST/raw/ and tiny/cifar-10-batches-py/
 
-The test suite uses the same functions; they need only NumPy.
+Then add --data-dir tiny to a script's command. The lesson's tests use the same functions;
+they need only NumPy.
 """
 
+import argparse
 import pickle
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 
+# The sizes of the tiny data sets; the lesson's tests count training steps from them.
+MNIST_TRAIN, MNIST_TEST = 600, 200
+CIFAR_PER_BATCH, CIFAR_TEST = 100, 200  # 5 training batches of CIFAR_PER_BATCH images
 
 # ---------------------------------------------------------------- MNIST (IDX files)
 
@@ -35,7 +39,8 @@ def _write_idx(path: Path, array: np.ndarray):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def write_tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+def write_tiny_mnist(root: Path, n_train: int = MNIST_TRAIN, n_test: int = MNIST_TEST,
+                     seed: int = 0) -> Path:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -66,7 +71,8 @@ def _cifar_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return images
 
 
-def write_tiny_cifar10(root: Path, per_batch: int = 100, n_test: int = 200, seed: int = 0) -> Path:
+def write_tiny_cifar10(root: Path, per_batch: int = CIFAR_PER_BATCH, n_test: int = CIFAR_TEST,
+                       seed: int = 0) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -84,14 +90,14 @@ def write_tiny_cifar10(root: Path, per_batch: int = 100, n_test: int = 200, seed
     return root
 
 
-if __name__ == "__main__":
-    usage = "usage: python tests/tiny_data.py FOLDER   (writes FOLDER/MNIST/raw and FOLDER/cifar-10-batches-py)"
-    if sys.argv[1:] in (["-h"], ["--help"]):
-        print(usage)
-        sys.exit(0)
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit(usage)
-    root = Path(sys.argv[1])
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", help="writes FOLDER/MNIST/raw/ and FOLDER/cifar-10-batches-py/")
+    root = Path(parser.parse_args(argv).folder)
     write_tiny_mnist(root)
     write_tiny_cifar10(root)
     print(f"tiny MNIST and CIFAR-10 written to {root}: use --data-dir {root}")
+
+
+if __name__ == "__main__":
+    main()
