@@ -20,7 +20,7 @@ CIFAR-10's shape (the speed does not depend on what the pixels show):
     python benchmark.py --out results/      # results.json, results.csv, results.svg
     python benchmark.py --only larger-batches   # only the pair: batch 512, 1024, 2048
 
-Keep it next to cifar10_lightning.py and mnist_lightning.py: it imports both.
+Keep it next to cifar10_lightning.py, mnist_lightning.py and cluster_tools.py: it imports them.
 """
 
 import argparse
@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cifar10_lightning as cifar  # noqa: E402  (the script under test)
 import mnist_lightning as mnist  # noqa: E402
+from cluster_tools import loader_workers, usable_cpus  # noqa: E402
 
 
 def sync(device):
@@ -275,7 +276,7 @@ def mnist_epoch_seconds(cfg, lightning: bool, workers=None) -> float:
 
         timer = EpochTimer()
         if workers is None:
-            workers = mnist.parse_args([]).num_workers  # the script's default on this machine
+            workers = loader_workers("auto", "auto", most=2)  # mnist_lightning.py's default here
         trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=2,
                             limit_val_batches=0, num_sanity_val_steps=0, enable_checkpointing=False,
                             enable_model_summary=False, callbacks=[timer, TQDMProgressBar(refresh_rate=10)],
@@ -305,7 +306,7 @@ def environment(device) -> dict:
     return {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "cpus": mnist.usable_cpus(),
+        "cpus": usable_cpus(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -348,7 +349,7 @@ def main(argv=None):
         warmup=3 if small else 30,
         steps=args.steps or (5 if small else 150),
         rounds=args.rounds or (2 if small else 3),
-        workers=cifar.parse_args([]).num_workers,  # cifar10_lightning.py's default on this machine
+        workers=loader_workers("auto", "auto", most=4),  # cifar10_lightning.py's default here
         mnist_images=2_000 if small else 55_000,
         tmp=Path(tempfile.mkdtemp(prefix="benchmark-logs-")),  # the Trainers' logs are not results
     )
@@ -442,7 +443,7 @@ def main(argv=None):
     if wanted("loader"):
         record("data", "script's DataLoader alone (uint8, no training)", loader_alone(cfg, images, labels))
     if wanted("classic"):
-        for workers in sorted({min(w, mnist.usable_cpus()) for w in ((0,) if small else (4, 8, 15))}):
+        for workers in sorted({min(w, usable_cpus()) for w in ((0,) if small else (4, 8, 15))}):
             record("data", f"classic PIL pipeline alone, {workers} workers",
                    classic_pipeline(cfg, images, labels, workers))
     # The slowest group, compiling, comes last: a run that is cut short still has the rest.

@@ -172,22 +172,32 @@ def check_packages(report: Report):
 
 # ------------------------------------------------------------------- hardware
 
-def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by SLURM's allocation."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if os.environ.get("SLURM_CPUS_PER_TASK"):
-        n = min(n, int(os.environ["SLURM_CPUS_PER_TASK"]))
-    return max(n or 1, 1)
+def lesson_tools(report: Report):
+    """The scripts' cluster_tools.py (next to this file), or None where it cannot be imported."""
+    try:
+        import cluster_tools
+    except ModuleNotFoundError as err:
+        if err.name == "cluster_tools":
+            report.problem(f"cluster_tools.py is not in {HERE}; the training scripts import it",
+                           "keep it next to the scripts, as in the lesson zip")
+        return None  # else a package it needs is missing: reported above
+    except Exception:  # a package it needs is broken: reported above
+        return None
+    return cluster_tools
 
 
 def check_accelerators(report: Report, torch) -> int:
     """Report the GPUs and CPUs PyTorch can use; return the number of CUDA GPUs."""
     report.section("Accelerators")
-    cpus = usable_cpus()
-    report.ok(f"{cpus} CPU core(s) usable by this process (this machine has {os.cpu_count()})")
-    if cpus < 2:
-        report.note("one core: data loading and training share it, so runs are slow",
+    tools = lesson_tools(report)
+    if tools is None:
+        report.note("the CPUs this process may use are counted by cluster_tools.py: not here")
+    elif (cpus := tools.usable_cpus()) < 2:
+        report.note(f"one CPU core usable by this process (this machine has {os.cpu_count()}): "
+                    "data loading and training share it, so runs are slow",
                     "on a cluster, ask for more with --cpus-per-task")
+    else:
+        report.ok(f"{cpus} CPU cores usable by this process (this machine has {os.cpu_count()})")
     if torch is None:
         report.note("PyTorch is not installed, so GPUs cannot be checked")
         return 0

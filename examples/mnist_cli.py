@@ -22,8 +22,8 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 from lightning_utilities.core.imports import RequirementCache
 
-# Keep this file next to mnist_lightning.py: the model and the data module come
-# from there.
+# Keep this file next to mnist_lightning.py (and its cluster_tools.py): the model and
+# the data module come from there.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mnist_lightning import LitMLP, MNISTDataModule  # noqa: E402
 

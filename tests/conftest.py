@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny data sets of tiny_data.py, running scripts, reading their logs."""
+"""Shared fixtures: the tiny data sets of examples/tiny_data.py, running scripts, reading their logs."""
 
 import os
 import signal
@@ -8,10 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from tiny_data import write_tiny_cifar10, write_tiny_mnist
-
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
+# The tests import the example scripts' modules (cluster_tools, tiny_data, the scripts
+# themselves) as the scripts import each other: from the folder they live in.
+sys.path.insert(0, str(EXAMPLES))
+
+import tiny_data  # noqa: E402
+from tiny_data import write_tiny_cifar10, write_tiny_mnist  # noqa: E402
+
+# Training images the scripts see in the tiny data sets, after their validation splits:
+# mnist_lightning.py holds 1/12 out, cifar10_lightning.py 1/10.
+TINY_MNIST_TRAIN = tiny_data.MNIST_TRAIN - tiny_data.MNIST_TRAIN // 12
+TINY_CIFAR_TRAIN = 5 * tiny_data.CIFAR_PER_BATCH - 5 * tiny_data.CIFAR_PER_BATCH // 10
 
 
 def pytest_configure(config):
@@ -137,8 +146,8 @@ def assert_offline_stop(module, script: str, dataset: str, tmp_path: Path, monke
     offline machine with an empty data folder, and check that it stops with one line that
     names the download command. (The subprocess tests of this case skip wherever the data
     server is reachable, as on CI.)"""
-    monkeypatch.setattr(module, "can_reach", lambda *args, **kwargs: False)
-    monkeypatch.setattr(module.sys, "argv", [script])
+    monkeypatch.setattr(module.cluster_tools, "can_reach", lambda *args, **kwargs: False)
+    monkeypatch.setattr(sys, "argv", [script])
     empty = tmp_path / "empty"
     with pytest.raises(SystemExit) as stopped:
         module.main(["--data-dir", str(empty), "--output-dir", str(tmp_path / "out"),

@@ -2,10 +2,12 @@
 
 import importlib.util
 import os
+import shutil
+import sys
 
 import pytest
 
-from conftest import REPO, load_example, run_script
+from conftest import EXAMPLES, REPO, learner_environ, load_example, run_command, run_script
 from tiny_data import write_tiny_cifar10, write_tiny_mnist
 
 # Hide any real SLURM job the tests might run in: the script treats empty as unset.
@@ -90,3 +92,14 @@ def test_help_documents_the_data_dir_flag():
     result = run_script("check_setup.py", "--help")
     assert result.returncode == 0
     assert "--data-dir" in result.stdout and "default: data" in result.stdout
+
+
+def test_check_without_cluster_tools_next_to_it_names_the_missing_file(tmp_path):
+    # A learner downloaded check_setup.py alone: the training scripts would not start either.
+    shutil.copy(EXAMPLES / "check_setup.py", tmp_path)
+    data = write_tiny_cifar10(write_tiny_mnist(tmp_path / "data"))
+    result = run_command([sys.executable, str(tmp_path / "check_setup.py"), "--data-dir", str(data)], tmp_path,
+                         {**learner_environ(), **NO_SLURM}, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"PROBLEM  cluster_tools.py is not in {tmp_path}; the training scripts import it" in result.stdout
+    assert "Traceback" not in result.stderr

@@ -10,14 +10,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import (EXAMPLES, assert_offline_stop, finished_steps, last_value, learner_environ, load_example,
-                      metrics_files, read_metrics, run_script)
+import cluster_tools
+from conftest import (EXAMPLES, TINY_CIFAR_TRAIN, assert_offline_stop, finished_steps, last_value, learner_environ,
+                      load_example, metrics_files, read_metrics, run_script)
 from tiny_data import write_tiny_cifar10
 
-# 5 batches of 100 tiny images, 1/10 held out for validation -> 450 to train on.
-TRAIN_IMAGES = 450
 BATCH = 32
-STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH  # the training loader drops the last partial batch
+STEPS_PER_EPOCH = TINY_CIFAR_TRAIN // BATCH  # the training loader drops the last partial batch
 CPU = ("--accelerator", "cpu", "--no-progress-bar")
 
 
@@ -52,7 +51,7 @@ def test_ddp_on_cpu_splits_the_data_between_two_processes(cifar_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0/2" in result.stdout and "rank 1/2" in result.stdout
     assert "effective batch size: 32 per device x 2 devices = 64" in result.stdout
-    assert finished_steps(result.stdout) == (TRAIN_IMAGES // 2) // BATCH
+    assert finished_steps(result.stdout) == (TINY_CIFAR_TRAIN // 2) // BATCH
 
 
 def one_cycle_rate(cifar_script, total_steps: int, after: int) -> float:
@@ -125,16 +124,15 @@ def cifar_script():
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (("--devices", "0"), "--devices must be"),
-        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        # The shared flags' checks are tested once, in test_cluster_tools.py.
         (("--model", "vgg"), "invalid choice: 'vgg'"),
-        (("--strategy", "horovod"), "invalid choice: 'horovod'"),
+        (("--accelerator", "mps"), "invalid choice: 'mps'"),
+        (("--precision", "64-true"), "invalid choice: '64-true'"),
         (("--wrap-policy", "layer"), "invalid choice: 'layer'"),
         (("--strategy", "fsdp", "--min-params", "0"), "--min-params must be at least 1"),
         (("--wrap-policy", "size"), "--wrap-policy only applies with --strategy fsdp"),
-        (("--strategy", "fsdp", "--accelerator", "cpu"), "--strategy fsdp needs GPUs"),
-        (("--lr", "-1"), "--lr must be positive"),
-        (("--num-nodes", "2"), "--num-nodes above 1 needs a launcher"),  # else: a hang
+        (("--checkpoint-format", "sharded", "--strategy", "ddp"),
+         "--checkpoint-format only applies with --strategy fsdp"),
         (("--strategy", "fsdp", "--grad-clip", "1"), "--grad-clip does not work with --strategy fsdp"),
     ],
 )
@@ -156,8 +154,7 @@ def test_asking_for_a_gpu_without_one_is_refused(cifar_dir, tmp_path):
 
 
 def test_offline_missing_data_names_the_download_command(tmp_path):
-    module = load_example("cifar10_lightning")
-    if module.can_reach(module.torchvision.datasets.CIFAR10.url):
+    if cluster_tools.can_reach(load_example("cifar10_lightning").torchvision.datasets.CIFAR10.url):
         pytest.skip("this machine can reach the CIFAR-10 server, so the offline path cannot be shown")
     result = run_script("cifar10_lightning.py", "--data-dir", tmp_path / "none", "--output-dir", tmp_path, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -302,11 +299,12 @@ def test_default_precision_follows_what_the_gpu_computes_in(monkeypatch, bf16, e
     # A GPU without bfloat16 arithmetic (a V100) gets float16; the check runs without a GPU
     # by answering torch's two questions here.
     module = load_example("cifar10_lightning")
-    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(module.torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
-    assert module.parse_args([]).precision == expected
-    assert module.parse_args(["--precision", "32-true"]).precision == "32-true"
-    assert module.parse_args(["--accelerator", "cpu"]).precision == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert module.parse_args([]).precision == "auto"  # the flag's default, as --help says
+    assert module.choose_precision("auto", "auto") == expected
+    assert module.choose_precision("32-true", "auto") == "32-true"
+    assert module.choose_precision("auto", "cpu") == "32-true"
 
 
 def test_batch_larger_than_a_devices_share_stops_with_one_line(cifar_dir, tmp_path):
