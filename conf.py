@@ -7,10 +7,14 @@
 # (for example ../examples/mnist_lightning.py), they always show the tested files.
 
 import os
+import shlex
 import stat
 import subprocess
 import zipfile
 from pathlib import Path
+
+from docutils.parsers.rst import directives
+from sphinx.directives.code import LiteralInclude, LiteralIncludeReader
 
 project = "PyTorch Lightning from laptop to supercomputer"
 author = "The lesson contributors"
@@ -75,22 +79,86 @@ copybutton_prompt_is_regexp = True
 # prompt; without this the button would copy only the first line of such a command.
 copybutton_line_continuation_character = "\\"
 
+# -- Highlights that follow the code ------------------------------------------------------
+# A listing highlights lines by what they contain, not by their numbers, so the highlight
+# moves with the line when the file above it changes:
+#     :emphasize-containing: "sync_dist=True" "OneCycleLR(" ... "pct_start"
+# Each quoted text highlights every line of the listing that contains it; "A" ... "B" highlights
+# from the first line with A to the next line with B. A comment line (# first) counts only for
+# a text that starts with #. A text found in no line fails the build.
+
+
+def lines_containing(listing: str, spec: str) -> list[int]:
+    """The 1-based numbers of the listing's lines that the :emphasize-containing: spec names."""
+    lines = listing.splitlines()
+    words = shlex.split(spec)
+
+    def holds(line: str, text: str) -> bool:
+        return text in line and (text.startswith("#") or not line.lstrip().startswith("#"))
+
+    chosen = set()
+    i = 0
+    while i < len(words):
+        found = [n for n, line in enumerate(lines, 1) if holds(line, words[i])]
+        if not found:
+            raise ValueError(f"no line of the listing contains {words[i]!r}")
+        if i + 2 < len(words) and words[i + 1] == "...":
+            end = next((n for n, line in enumerate(lines, 1) if n > found[0] and holds(line, words[i + 2])),
+                       None)
+            if end is None:
+                raise ValueError(f"no line after {words[i]!r} contains {words[i + 2]!r}")
+            chosen.update(range(found[0], end + 1))
+            i += 3
+        else:
+            chosen.update(found)
+            i += 1
+    return sorted(chosen)
+
+
+class LiteralIncludeWithHighlights(LiteralInclude):
+    """Sphinx's literalinclude, with :emphasize-containing: as well."""
+
+    option_spec = {**LiteralInclude.option_spec, "emphasize-containing": directives.unchanged_required}
+
+    def run(self):
+        spec = self.options.pop("emphasize-containing", None)
+        if spec is not None:
+            try:
+                _, filename = self.env.relfn2path(self.arguments[0])
+                listing, _ = LiteralIncludeReader(filename, self.options, self.config).read()
+                numbers = lines_containing(listing, spec)
+            except (OSError, ValueError) as err:
+                return [self.state.document.reporter.warning(
+                    f"{self.arguments[0]}: :emphasize-containing: {err}", line=self.lineno)]
+            self.options["emphasize-lines"] = ",".join(map(str, numbers))
+        return super().run()
+
+
+def setup(app):
+    app.add_directive("literalinclude", LiteralIncludeWithHighlights, override=True)
+
+
 # -- The lesson files as one download ---------------------------------------------------
 # The setup page offers what a learner runs (scripts, job templates, requirements, the
-# tiny-data maker and the tests of the scripts) as one zip file, packed from the tracked files
-# at every build, so the download never lags behind them.  The tests that check the pages stay
-# behind: they need the pages.  Fixed time stamps keep the archive the same from build to build.
+# scripts' tests and the throwaway SLURM cluster they can run under) as one zip file, packed
+# from the tracked files at every build, so the download never lags behind them.  The tests
+# that check the pages stay behind: they need the pages.  Fixed time stamps keep the archive
+# the same from build to build.
 _ROOT = Path(__file__).resolve().parent
 LESSON_ZIP = _ROOT / "_build" / "lesson-files" / "lightning-lesson.zip"
-_PAGE_CHECKS = {"test_site.py", "test_consistency.py", "test_page_commands.py", "test_browser.py", "gpu_check.sh"}
+_PAGE_CHECKS = {"test_site.py", "test_consistency.py", "test_page_commands.py", "page_commands.py",
+                "test_browser.py"}
 _ZIP_README = """PyTorch Lightning from laptop to supercomputer: the lesson's files
 
-examples/          the training scripts the lesson runs (python examples/<script>.py --help)
+examples/          the training scripts the lesson runs (python examples/<script>.py --help);
+                   cluster_tools.py holds what the Lightning scripts share: keep it next to them;
+                   tiny_data.py makes tiny stand-in data sets: python examples/tiny_data.py tiny
 slurm/             job-script templates for SLURM clusters (sbatch slurm/<template>.sbatch)
 requirements.txt   pip install -r requirements.txt installs everything
-tests/             tiny_data.py makes tiny stand-in data sets: python tests/tiny_data.py tiny
-                   the scripts' own tests: python -m pytest tests
+tests/             the scripts' own tests: python -m pytest tests
                    (tests that need a GPU or a SLURM cluster are skipped without one)
+.ci/slurm_cluster.sh  a throwaway two-node SLURM cluster on one Linux machine, as root
+                   (Debian's slurm-wlm and munge), for the SLURM tests and for practice
 
 Run every command from this folder. The lesson's Setup page says how to begin.
 """
@@ -111,8 +179,10 @@ def _tracked_files(folder: str) -> list[Path]:
 
 def _write_lesson_zip(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    files = [_ROOT / "requirements.txt"] + [p for folder in ("examples", "slurm", "tests")
-                                            for p in _tracked_files(folder) if p.name not in _PAGE_CHECKS]
+    files = [p for p in (_ROOT / "requirements.txt", _ROOT / ".ci" / "slurm_cluster.sh")
+             if p.is_file()]
+    files += [p for folder in ("examples", "slurm", "tests")
+              for p in _tracked_files(folder) if p.name not in _PAGE_CHECKS]
 
     def entry(name: str, mode: int) -> zipfile.ZipInfo:
         info = zipfile.ZipInfo(f"lightning-lesson/{name}", (2026, 1, 1, 0, 0, 0))
