@@ -5,13 +5,19 @@
 - every flag a page or a template passes to a script is one that script accepts;
 - every include that selects a part of a file (markers, :pyobject:) selects some code;
 - every measured number with a thousands separator on the performance page comes from a
-  result file the page shows (smaller numbers, such as seconds, are not checked).
+  result file the page shows (smaller numbers, such as seconds, are not checked);
+- highlights in listings name the text of their lines (:emphasize-containing:, which fails
+  the build when a line loses it), never line numbers that silently drift;
+- no test file imports another test file (shared code lives in conftest.py or a helper);
+- the two Lightning scripts share no run of six or more code lines, and nothing that
+  examples/cluster_tools.py defines is defined again in another script: plumbing lives once.
 
 Each rule is a function of the repository's root folder that returns a list of problems,
 so the last tests can run it on a broken copy and see it catch the breakage.
 """
 
 import argparse
+import ast
 import contextlib
 import functools
 import importlib.util
@@ -146,9 +152,20 @@ def script_parser(path: Path) -> argparse.ArgumentParser:
     The Lightning scripts build theirs in parse_args(argv), the others in main(argv);
     both call parser.parse_args, which is where we take the parser and stop.
     """
-    spec = importlib.util.spec_from_file_location(f"checked_{path.stem}_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # The script imports its neighbours (cluster_tools, ...) as it would when run: from its
+    # own folder, which may be a broken copy of examples/ in a test below.
+    neighbours = {p.stem for p in path.parent.glob("*.py")}
+    saved = {name: sys.modules.pop(name) for name in neighbours if name in sys.modules}
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"checked_{path.stem}_{abs(hash(path))}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+        for name in neighbours:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
     builds_parser = getattr(module, "parse_args", None) or module.main
 
     def catch(parser, *args, **kwargs):
@@ -306,6 +323,59 @@ def unsourced_numbers(root: Path) -> list[str]:
             for value in THOUSANDS.findall(line) if value not in measured | NOT_MEASURED]
 
 
+def numeric_highlights(root: Path) -> list[str]:
+    return [f"{where(root, page, number)}: :emphasize-lines: {options['emphasize-lines']}; name the lines' "
+            "text with :emphasize-containing: instead"
+            for page in pages(root) for number, name, _, options in directives(page)
+            if "emphasize-lines" in options]
+
+
+def imports_between_test_files(root: Path) -> list[str]:
+    problems = []
+    for path in sorted((root / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            problems += [f"{path.relative_to(root)}:{node.lineno} imports {name}; move what it shares "
+                         "to conftest.py or a helper module" for name in names if name.startswith("test_")]
+    return problems
+
+
+def code_lines(path: Path) -> list[tuple[int, str]]:
+    """(number, text) of a file's lines of code: no blank, comment, import or lone bracket
+    lines, white space folded."""
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = " ".join(line.split())
+        if text and not text.startswith(("#", "import ", "from ")) and not re.fullmatch(r"[()\[\]{},:]+", text):
+            kept.append((number, text))
+    return kept
+
+
+def copied_plumbing(root: Path, least: int = 6) -> list[str]:
+    examples = root / "examples"
+    problems = []
+    a, b = code_lines(examples / "mnist_lightning.py"), code_lines(examples / "cifar10_lightning.py")
+    for i in range(len(a)):
+        for j in range(len(b)):
+            if a[i][1] != b[j][1] or (i and j and a[i - 1][1] == b[j - 1][1]):
+                continue  # not the start of a shared run
+            n = 0
+            while i + n < len(a) and j + n < len(b) and a[i + n][1] == b[j + n][1]:
+                n += 1
+            if n >= least:
+                problems.append(f"examples/mnist_lightning.py:{a[i][0]}-{a[i + n - 1][0]} = "
+                                f"examples/cifar10_lightning.py:{b[j][0]}-{b[j + n - 1][0]} ({n} lines)")
+    shared = {node.name for node in ast.parse((examples / "cluster_tools.py").read_text(encoding="utf-8")).body
+              if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    for path in sorted(examples.glob("*.py")):
+        if path.name != "cluster_tools.py":
+            problems += [f"examples/{path.name}:{node.lineno} defines {node.name} again; import it from cluster_tools"
+                         for node in ast.parse(path.read_text(encoding="utf-8")).body
+                         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in shared]
+    return problems
+
+
 def test_every_referenced_file_exists():
     problems = missing_references(REPO)
     assert not problems, "\n".join(problems)
@@ -323,6 +393,21 @@ def test_commands_on_pages_and_in_templates_use_flags_the_scripts_accept():
 
 def test_numbers_on_the_performance_page_come_from_its_result_files():
     assert not unsourced_numbers(REPO), "\n".join(unsourced_numbers(REPO))
+
+
+def test_highlights_follow_the_code_not_line_numbers():
+    problems = numeric_highlights(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_no_test_file_imports_another():
+    problems = imports_between_test_files(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_scripts_share_their_plumbing_through_one_module():
+    problems = copied_plumbing(REPO)
+    assert not problems, "\n".join(problems)
 
 
 def test_partial_includes_select_some_code():
@@ -369,8 +454,8 @@ def test_removed_file_is_reported_missing_and_unoffered(tmp_path):
 
 def test_renamed_flag_is_reported_on_pages_and_in_templates(tmp_path):
     root = copy_of_repo(tmp_path)
-    # The script renames --no-progress-bar; the templates and pages still pass the old name.
-    replace_in(root / "examples" / "mnist_lightning.py", '"--no-progress-bar"', '"--quiet"')
+    # The shared flags rename --no-progress-bar; the templates and pages still pass the old name.
+    replace_in(root / "examples" / "cluster_tools.py", '"--no-progress-bar"', '"--quiet"')
     # A page shows a flag the script never had, and a value outside a flag's choices; then a
     # command that goes on over two lines, with a misspelt flag on its second.
     setup = root / "content" / "setup.md"
@@ -404,3 +489,26 @@ def test_a_number_typed_into_the_performance_page_is_reported(tmp_path):
     root = copy_of_repo(tmp_path)
     replace_in(root / "content" / "performance.md", "37,432 → 45,917", "37,432 → 47,000")
     assert [p for p in unsourced_numbers(root) if "47,000" in p and "performance.md" in p]
+
+
+def test_a_numeric_highlight_and_a_test_importing_a_test_are_reported(tmp_path):
+    root = copy_of_repo(tmp_path)
+    shutil.copytree(REPO / "tests", root / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    replace_in(root / "content" / "ddp.md", ":pyobject: LitClassifier.configure_optimizers\n",
+               ":pyobject: LitClassifier.configure_optimizers\n:emphasize-lines: 7\n")
+    (root / "tests" / "test_extra.py").write_text("from test_slurm import sbatch\n")
+    assert [p for p in numeric_highlights(root) if p.startswith("content/ddp.md:")]
+    assert imports_between_test_files(root) == [
+        "tests/test_extra.py:1 imports test_slurm; move what it shares to conftest.py or a helper module"]
+
+
+def test_copied_plumbing_is_reported(tmp_path):
+    root = copy_of_repo(tmp_path)
+    # The CIFAR-10 script gets the MNIST script's main() pasted in, and a copy of a helper.
+    mnist = (root / "examples" / "mnist_lightning.py").read_text(encoding="utf-8")
+    main = mnist[mnist.index("def main("):mnist.index("# [/docs:main]")].replace("def main(", "def main2(")
+    with open(root / "examples" / "cifar10_lightning.py", "a", encoding="utf-8") as script:
+        script.write("\n\n" + main + "\n\ndef usable_cpus():\n    return 1\n")
+    problems = "\n".join(copied_plumbing(root))
+    assert "examples/mnist_lightning.py:" in problems and "= examples/cifar10_lightning.py:" in problems
+    assert "defines usable_cpus again; import it from cluster_tools" in problems

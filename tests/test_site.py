@@ -204,22 +204,28 @@ def test_python_listings_are_whole_statements(site):
     assert not broken, "listings that are not whole Python statements:\n" + "\n".join(broken)
 
 
-def test_strict_build_fails_on_a_missing_include(tmp_path):
-    """-W turns a literalinclude of a file that does not exist into a failed build."""
+def test_strict_build_fails_on_a_missing_include_or_a_lost_highlight(tmp_path):
+    """-W turns a literalinclude of a file that does not exist, and a highlight whose text
+    no line of the listing holds any more (conf.py's :emphasize-containing:), into a failed
+    build."""
     for name in ("conf.py", "README.md", "requirements.txt"):
         shutil.copy(REPO / name, tmp_path / name)
-    for name in ("examples", "slurm", "tests"):
+    for name in ("examples", "slurm", "tests", ".ci"):
         (tmp_path / name).symlink_to(REPO / name)
     shutil.copytree(CONTENT, tmp_path / "content")
     (tmp_path / "content" / "broken-page.md").write_text(
         "---\norphan: true\n---\n\n# A broken page\n\n"
-        "```{literalinclude} ../examples/no_such_script.py\n```\n",
+        "```{literalinclude} ../examples/no_such_script.py\n```\n\n"
+        # The first text is in the listing; the second was, before a change to the script.
+        "```{literalinclude} ../examples/mnist_lightning.py\n:pyobject: LitMLP.validation_step\n"
+        ":emphasize-containing: '\"sync_dist=True\" \"sync_dist=False\"'\n```\n",
         encoding="utf-8",
     )
     result = sphinx_build(tmp_path, tmp_path / "content", tmp_path / "html")
     assert result.returncode != 0, "the build passed although an included file is missing"
     assert "no_such_script.py" in result.stderr, result.stderr[-5000:]
     assert "broken-page" in result.stderr, result.stderr[-5000:]
+    assert "no line of the listing contains 'sync_dist=False'" in result.stderr, result.stderr[-5000:]
 
 
 def test_setup_page_offers_the_tested_files_as_one_zip(site, tmp_path):
@@ -229,15 +235,17 @@ def test_setup_page_offers_the_tested_files_as_one_zip(site, tmp_path):
     assert links, "setup.html has no download link for lightning-lesson.zip"
     with zipfile.ZipFile(outdir / links[0]) as archive:
         names = set(archive.namelist())
-        for path in ["requirements.txt", "examples/cifar10_lightning.py", "slurm/mnist-cpu-ddp.sbatch",
-                     "tests/tiny_data.py", "tests/conftest.py", "tests/test_cifar10.py"]:
+        for path in ["requirements.txt", "examples/cifar10_lightning.py", "examples/cluster_tools.py",
+                     "examples/tiny_data.py", "slurm/mnist-cpu-ddp.sbatch", "tests/conftest.py",
+                     "tests/test_cifar10.py", "tests/test_cluster_tools.py", ".ci/slurm_cluster.sh"]:
             assert f"lightning-lesson/{path}" in names
             assert archive.read(f"lightning-lesson/{path}") == (REPO / path).read_bytes(), f"{path} differs"
         assert "lightning-lesson/README.txt" in names
         # The checks of the pages need the pages, which the zip does not hold.
         assert "lightning-lesson/tests/test_site.py" not in names
+        assert "lightning-lesson/tests/page_commands.py" not in names
         assert not [n for n in names if "__pycache__" in n or "/." in n]
-        mode = archive.getinfo("lightning-lesson/tests/slurm_cluster.sh").external_attr >> 16
+        mode = archive.getinfo("lightning-lesson/.ci/slurm_cluster.sh").external_attr >> 16
         assert stat.S_ISREG(mode) and mode & 0o111, "the zip lost the executable bit of a shell script"
         archive.extractall(tmp_path)
     # Unpacked, the tests it ships find everything they import.

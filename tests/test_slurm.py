@@ -2,7 +2,7 @@
 
 The cluster is two virtual nodes, n1 and n2, on this machine; start it as root with
 
-    tests/slurm_cluster.sh start
+    .ci/slurm_cluster.sh start
 
 (.ci/run does that). Where sbatch is missing or no cluster answers, the tests that need one
 are skipped with the reason. The jobs train on the CPU and tiny data: the templates' GPU
@@ -23,16 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import finished_steps, learner_environ, metrics_files
+from conftest import REPO, TINY_CIFAR_TRAIN, TINY_MNIST_TRAIN, finished_steps, learner_environ, metrics_files
 
-REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
 GPU_TEMPLATES = [t for t in TEMPLATES if "--gpus-per-node=" in t.read_text()]
-
-# The tiny MNIST of conftest: 600 training images, 1/12 held out for validation.
-MNIST_TRAIN = 600 - 600 // 12
-# The tiny CIFAR-10: 5 x 100 training images, 1/10 held out; full batches only (drop_last).
-CIFAR_TRAIN = 500 - 500 // 10
+CLUSTER_SCRIPT = REPO / ".ci" / "slurm_cluster.sh"
 
 # Templates ask for GPUs and many cores; on this 2-core machine each task gets one core.
 ON_TEST_CLUSTER = ("--gpus-per-node=0", "--cpus-per-task=1")
@@ -51,15 +46,15 @@ def _cluster_problem() -> str | None:
     """Why the SLURM tests cannot run here, or None when a cluster answers."""
     if shutil.which("sbatch") is None:
         return ("sbatch is not installed; to run these tests: apt-get install slurm-wlm munge, "
-                "then (as root) tests/slurm_cluster.sh start")
+                "then (as root) .ci/slurm_cluster.sh start")
     try:
         nodes = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"],
                                capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        return "sinfo got no answer within 30 s; start the test cluster: tests/slurm_cluster.sh start"
+        return "sinfo got no answer within 30 s; start the test cluster: .ci/slurm_cluster.sh start"
     if nodes.returncode != 0:
         why = (nodes.stderr.strip().splitlines() or ["no message"])[-1][:200]
-        return f"no SLURM cluster answers (sinfo: {why}); start one: tests/slurm_cluster.sh start"
+        return f"no SLURM cluster answers (sinfo: {why}); start one: .ci/slurm_cluster.sh start"
     ready = {line.split()[0] for line in nodes.stdout.splitlines() if line.split()[-1] in ("idle", "mix", "alloc")}
     if not {"n1", "n2"} <= ready:
         return f"the test nodes n1 and n2 are not both up (sinfo: {nodes.stdout.strip()!r})"
@@ -188,7 +183,7 @@ def test_every_sbatch_line_comes_before_the_first_command(path):
 def test_templates_pass_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", *map(str, TEMPLATES), str(REPO / "tests" / "slurm_cluster.sh")],
+    result = subprocess.run(["shellcheck", *map(str, TEMPLATES), str(CLUSTER_SCRIPT)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
@@ -243,7 +238,7 @@ def test_cpu_template_trains_with_two_ranks_on_one_node(cluster, job_env, mnist_
     ranks = {m.groups() for m in RANK_LINE.finditer(log)}
     assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "1", "n1", "cpu")}
     # Each rank trains on its half of the data.
-    assert finished_steps(log) == math.ceil(MNIST_TRAIN / 2 / 32)
+    assert finished_steps(log) == math.ceil(TINY_MNIST_TRAIN / 2 / 32)
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -260,7 +255,7 @@ def test_multinode_template_runs_one_rank_on_each_node(cluster, job_env, cifar_d
     # Global ranks 0 and 1, each local rank 0 of its own node: DDP across two nodes.
     ranks = {m.groups() for m in RANK_LINE.finditer(log)}
     assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "0", "n2", "cpu")}
-    assert finished_steps(log) == CIFAR_TRAIN // 2 // 32
+    assert finished_steps(log) == TINY_CIFAR_TRAIN // 2 // 32
     # The data set was copied once per node, and the job read that copy.
     staged = local_disk / f"{fields['UserId'].split('(')[0]}-{job}"
     assert f"data staged to {staged / 'cifar-10-batches-py'} on n1" in log
@@ -372,7 +367,7 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
     assert log.count("finished after") == 1
     assert f"Restoring states from the checkpoint path at {out / 'hpc_ckpt_1.ckpt'}" in log
     # It finished with exactly the planned number of steps, no more, no fewer.
-    planned = epochs * math.ceil(MNIST_TRAIN / 2 / batch)
+    planned = epochs * math.ceil(TINY_MNIST_TRAIN / 2 / batch)
     assert finished_steps(log) == planned
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == planned
