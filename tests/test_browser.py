@@ -4,10 +4,9 @@ Every page loads without a JavaScript error, its solutions stay folded until cli
 its code blocks have copy buttons (which copy a command of several lines whole), its images
 load and its links lead somewhere.
 
-Chromium (Debian package `chromium`, installed by .ci/run) is driven through its
-DevTools protocol over a websocket: a JSON command goes out, a JSON answer comes back,
-and events (console messages, exceptions, page loads) arrive in between. The site is
-served from a temporary build by Python's http.server, as a reader's browser would get it.
+Playwright (pytest-playwright) drives Debian's Chromium (package `chromium`, installed by
+.ci/run); no browser is downloaded. The site is served from a temporary build by Python's
+http.server, as a reader's browser would get it.
 """
 
 import functools
@@ -17,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,9 +28,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="needs Chromium: apt-get install chromium (.ci/run installs it)")
-# sphinx-autobuild (in requirements.txt) brings websockets with it.
-websockets_client = pytest.importorskip(
-    "websockets.sync.client", reason="needs the websockets package (pip install websockets)")
+pytest.importorskip("pytest_playwright", reason="needs pytest-playwright (in requirements.txt)")
 
 
 # ------------------------------------------------------------------ the site
@@ -85,108 +81,45 @@ def server(site):
 
 # -------------------------------------------------------------- the browser
 
-class DevTools:
-    """A minimal DevTools protocol client for one browser tab."""
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright starts Debian's Chromium instead of downloading a browser of its own.
+    Without the background services, Chromium's calls home would fill the console with errors
+    on a machine without internet."""
+    return {**browser_type_launch_args, "executable_path": CHROMIUM,
+            "args": ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync"]}
 
-    def __init__(self, websocket):
-        self.ws = websocket
-        self.last_id = 0
-        self.events = []  # events that arrived while we waited for an answer
 
-    def call(self, method: str, **params):
-        self.last_id += 1
-        self.ws.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
-        while True:
-            message = json.loads(self.ws.recv(timeout=30))
-            if message.get("id") == self.last_id:
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-            self.events.append(message)
+class Tab:
+    """One browser tab that keeps what the console showed as errors since a page was opened."""
 
-    def wait_for(self, event: str, timeout: float = 15):
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == event for e in self.events):
-            self.events.append(json.loads(self.ws.recv(timeout=max(deadline - time.monotonic(), 0.01))))
+    def __init__(self, page):
+        self.page = page
+        self.found = []
+        page.on("pageerror", lambda error: self.found.append(str(error)))
+        page.on("console", self._console)
 
-    def evaluate(self, expression: str):
-        """Run JavaScript in the page and return its (JSON-able) value."""
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"{expression[:60]}...: {result['exceptionDetails']}")
-        return result["result"].get("value")
+    def _console(self, message):
+        # The browser's own request for /favicon.ico does not count: the site has no icon,
+        # and on GitHub Pages that request goes to the top of the domain anyway.
+        if message.type == "error" and not message.location.get("url", "").endswith("/favicon.ico"):
+            self.found.append(f"{message.text} {message.location.get('url', '')}".strip())
 
     def open(self, url: str):
         """Load a page and wait until it and its scripts, styles and images have loaded."""
-        self.events.clear()
-        self.call("Page.navigate", url=url)
-        self.wait_for("Page.loadEventFired")
+        self.found = []
+        self.page.goto(url, wait_until="load")
 
     def errors(self) -> list[str]:
-        """What the console showed as errors since the page was opened.
-
-        The browser's own request for /favicon.ico does not count: the site has no icon,
-        and on GitHub Pages that request goes to the top of the domain anyway.
-        """
-        found = []
-        for event in self.events:
-            method, params = event.get("method"), event.get("params", {})
-            if method == "Runtime.exceptionThrown":
-                details = params["exceptionDetails"]
-                found.append(details.get("exception", {}).get("description") or details.get("text"))
-            elif (method == "Log.entryAdded" and params["entry"]["level"] == "error"
-                  and not params["entry"].get("url", "").endswith("/favicon.ico")):
-                found.append(f"{params['entry']['text']} {params['entry'].get('url', '')}".strip())
-            elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
-                found.append(" ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
-        return found
-
-    def click(self, selector: str):
-        """A real mouse click in the middle of the element, as a reader clicks."""
-        x, y = self.evaluate(f"""(() => {{
-            const el = document.querySelector({json.dumps(selector)});
-            el.scrollIntoView({{block: "center"}});
-            const r = el.getBoundingClientRect();
-            return [r.x + r.width / 2, r.y + r.height / 2];
-        }})()""")
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        return list(self.found)
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    log = open(profile.parent / "chromium.log", "w")
-    process = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1280,900",
-         "about:blank"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        # With port 0 Chromium picks a free port and writes it into the profile.
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not port_file.exists() or not port_file.read_text().strip():
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Chromium did not start:\n{Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
-            tab = next(t for t in json.load(answer) if t["type"] == "page")
-        with websockets_client.connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as websocket:
-            devtools = DevTools(websocket)
-            for domain in ("Page", "Runtime", "Log"):
-                devtools.call(f"{domain}.enable")
-            yield devtools
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+def tab(browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    yield Tab(page)
+    page.close()
 
 
 # ------------------------------------------------------------ what a page shows
@@ -212,19 +145,19 @@ INSPECT = """(() => {
 })()"""
 
 
-def inspect(browser: DevTools, url: str) -> dict:
-    browser.open(url)
-    findings = browser.evaluate(INSPECT)
-    findings["errors"] = browser.errors()  # after evaluate: late errors have arrived too
+def inspect(tab: Tab, url: str) -> dict:
+    tab.open(url)
+    findings = tab.page.evaluate(INSPECT)
+    findings["errors"] = tab.errors()  # after evaluate: late errors have arrived too
     return findings
 
 
 @pytest.fixture(scope="module")
-def pages(site, server, browser) -> dict:
+def pages(site, server, tab) -> dict:
     """What every page of the site shows, by file name: one visit each."""
     names = sorted(p.name for p in site.glob("*.html"))
     assert "index.html" in names and len(names) > 5
-    return {name: inspect(browser, server.base_url + name) for name in names}
+    return {name: inspect(tab, server.base_url + name) for name in names}
 
 
 def broken_links(links, pages: dict, base_url: str) -> list[str]:
@@ -250,19 +183,16 @@ def test_every_page_loads_without_console_errors(pages):
     assert not errors, json.dumps(errors, indent=2)
 
 
-def test_solutions_are_folded_until_clicked(pages, browser, server):
+def test_solutions_are_folded_until_clicked(pages, tab, server):
     assert sum(found["solutions"] for found in pages.values()) > 0, "no solutions on any page"
     open_at_load = {name: found["open_solutions"] for name, found in pages.items() if found["open_solutions"]}
     assert not open_at_load, f"solutions visible before a click: {open_at_load}"
 
     # A reader clicks the first solution's title, and it opens.
-    browser.open(server.base_url + "why-lightning.html")
-    browser.click(".admonition.solution .admonition-title")
-    for _ in range(50):
-        if browser.evaluate(INSPECT)["open_solutions"]:
-            break
-        time.sleep(0.05)
-    assert len(browser.evaluate(INSPECT)["open_solutions"]) == 1, "clicking a solution's title did not open it"
+    tab.open(server.base_url + "why-lightning.html")
+    tab.page.locator(".admonition.solution .admonition-title").first.click()
+    tab.page.wait_for_function(f"({INSPECT}).open_solutions.length > 0", timeout=5000)
+    assert len(tab.page.evaluate(INSPECT)["open_solutions"]) == 1, "clicking a solution's title opened more"
 
 
 def test_every_code_block_has_a_copy_button(pages):
@@ -287,7 +217,7 @@ def test_images_load(pages):
     assert not broken, json.dumps(broken, indent=2)
 
 
-def test_the_checks_catch_a_broken_page(site, server, browser):
+def test_the_checks_catch_a_broken_page(site, server, tab):
     """A page with a script error, a missing image, a dead link and a bare code block."""
     selftest = site / "_selftest"
     selftest.mkdir(exist_ok=True)
@@ -298,10 +228,12 @@ def test_the_checks_catch_a_broken_page(site, server, browser):
         '<div class="highlight"><pre>$ echo no copy button</pre></div>'
         '<script>throw new Error("deliberate failure")</script>'
         '</body></html>', encoding="utf-8")
-    index = inspect(browser, server.base_url + "index.html")
-    found = inspect(browser, server.base_url + "_selftest/broken.html")
+    index = inspect(tab, server.base_url + "index.html")
+    found = inspect(tab, server.base_url + "_selftest/broken.html")
 
     assert any("deliberate failure" in e for e in found["errors"])
+    # A file the page asked for and did not get is a console error too.
+    assert any("404" in e and "no-such-image.png" in e for e in found["errors"]), found["errors"]
     assert found["broken_images"] == ["no-such-image.png"]
     assert found["code_without_copy_button"] == ["$ echo no copy button"]
     broken = "\n".join(broken_links(found["links"], {"index.html": index}, server.base_url))
@@ -309,12 +241,12 @@ def test_the_checks_catch_a_broken_page(site, server, browser):
     assert "no element with id 'no-such-anchor'" in broken
 
 
-def test_copy_button_copies_a_continued_command_whole(browser, server):
+def test_copy_button_copies_a_continued_command_whole(tab, server):
     """A long command goes on over indented lines after a line that ends in a backslash.
     A reader's click on the copy button copies all its lines without the prompt, and leaves
     the output shown after it behind."""
-    browser.open(server.base_url + "training-pipeline.html")
-    shown = browser.evaluate(r"""(() => {
+    tab.open(server.base_url + "training-pipeline.html")
+    shown = tab.page.evaluate(r"""(() => {
         // The first console block with a continued command and an output line after it.
         const pre = [...document.querySelectorAll("div.highlight-console pre")].find(p => {
             const lines = p.textContent.split("\n");
@@ -327,11 +259,8 @@ def test_copy_button_copies_a_continued_command_whole(browser, server):
         document.addEventListener("copy", event => window.copied.push(event.target.value));
         return pre.textContent;
     })()""")
-    browser.click("#copy-under-test")
-    for _ in range(50):
-        if browser.evaluate("window.copied.length"):
-            break
-        time.sleep(0.05)
+    tab.page.click("#copy-under-test")
+    tab.page.wait_for_function("window.copied.length > 0", timeout=5000)
     # What a reader pastes: the "$ " lines less the prompt, each with the lines that continue it.
     expected, continues = [], False
     for line in shown.splitlines():
@@ -339,4 +268,4 @@ def test_copy_button_copies_a_continued_command_whole(browser, server):
             expected.append(line if continues else line.removeprefix("$ "))
             continues = line.endswith("\\")
     assert 1 < len(expected) < len(shown.splitlines()), f"not a continued command with output:\n{shown}"
-    assert browser.evaluate("window.copied") == ["\n".join(expected)]
+    assert tab.page.evaluate("window.copied") == ["\n".join(expected)]
