@@ -82,7 +82,9 @@ copybutton_line_continuation_character = "\\"
 # -- Highlights that follow the code ------------------------------------------------------
 # A listing highlights lines by what they contain, not by their numbers, so the highlight
 # moves with the line when the file above it changes:
-#     :emphasize-containing: "sync_dist=True" "OneCycleLR(" ... "pct_start"
+#     :emphasize-containing: '"sync_dist=True" "OneCycleLR(" ... "pct_start"'
+# (The outer single quotes keep MyST, which reads options as YAML, from reading the inner
+# ones; a double quote inside a text is written \".)
 # Each quoted text highlights every line of the listing that contains it; "A" ... "B" highlights
 # from the first line with A to the next line with B. A comment line (# first) counts only for
 # a text that starts with #. A text found in no line fails the build.
