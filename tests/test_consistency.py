@@ -10,7 +10,9 @@
   the build when a line loses it), never line numbers that silently drift;
 - no test file imports another test file (shared code lives in conftest.py or a helper);
 - the two Lightning scripts share no run of six or more code lines, and nothing that
-  examples/cluster_tools.py defines is defined again in another script: plumbing lives once.
+  examples/cluster_tools.py defines is defined again in another script: plumbing lives once;
+- a page that offers a script for download offers what it imports from examples/ as well
+  (or the lesson zip), so a learner who takes the page's files can run them.
 
 Each rule is a function of the repository's root folder that returns a list of problems,
 so the last tests can run it on a broken copy and see it catch the breakage.
@@ -376,6 +378,34 @@ def copied_plumbing(root: Path, least: int = 6) -> list[str]:
     return problems
 
 
+def companions(script: Path) -> set[Path]:
+    """The files of the script's folder that it imports, and what they import in turn."""
+    found, todo = set(), [script]
+    while todo:
+        for node in ast.walk(ast.parse(todo.pop().read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                neighbour = script.parent / f"{name}.py"
+                if neighbour.is_file() and neighbour not in found:
+                    found.add(neighbour)
+                    todo.append(neighbour)
+    return found
+
+
+def missing_companions(root: Path) -> list[str]:
+    problems = []
+    for page in pages(root):
+        # A download offers a whole file; a listing may show only a part of one.
+        offered = {resolve(root, page, target) for _, kind, target in references(root, page) if kind == "download"}
+        if any(path.name == "lightning-lesson.zip" for path in offered):
+            continue
+        for script in sorted(p for p in offered if p.suffix == ".py" and p.is_file()):
+            problems += [f"{page.relative_to(root)} offers {script.name} but not {needed.name}, which it imports"
+                         for needed in sorted(companions(script) - offered)]
+    return problems
+
+
 def test_every_referenced_file_exists():
     problems = missing_references(REPO)
     assert not problems, "\n".join(problems)
@@ -407,6 +437,11 @@ def test_no_test_file_imports_another():
 
 def test_the_scripts_share_their_plumbing_through_one_module():
     problems = copied_plumbing(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_page_that_offers_a_script_offers_what_it_imports():
+    problems = missing_companions(REPO)
     assert not problems, "\n".join(problems)
 
 
@@ -512,3 +547,11 @@ def test_copied_plumbing_is_reported(tmp_path):
     problems = "\n".join(copied_plumbing(root))
     assert "examples/mnist_lightning.py:" in problems and "= examples/cifar10_lightning.py:" in problems
     assert "defines usable_cpus again; import it from cluster_tools" in problems
+
+
+def test_a_script_offered_without_its_module_is_reported(tmp_path):
+    root = copy_of_repo(tmp_path)
+    replace_in(root / "content" / "pytorch-to-lightning.md",
+               "{download}`cluster_tools.py <../examples/cluster_tools.py>`", "`cluster_tools.py`")
+    assert missing_companions(root) == [
+        "content/pytorch-to-lightning.md offers mnist_lightning.py but not cluster_tools.py, which it imports"]
