@@ -102,7 +102,8 @@ def sbatch(tmp_path: Path, env: dict, name: str | Path, *script_args, opts=(), w
     job = match.group(1)
     if wait:
         try:
-            poll(f"job {job} to end", lambda: job_fields(job).get("JobState") in FINAL_STATES, timeout)
+            poll(f"job {job} to end", lambda: job_fields(job).get("JobState") in FINAL_STATES, timeout,
+                 job=job, logs=tmp_path)
         finally:
             subprocess.run(["scancel", job], capture_output=True, timeout=30)  # no-op once ended
     return job, job_fields(job)
@@ -121,12 +122,21 @@ def job_fields(job_id: str) -> dict:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def poll(what: str, condition, timeout: float, interval: float = 0.5):
-    """Wait until condition() is true; fail with `what` after timeout seconds."""
+def poll(what: str, condition, timeout: float, interval: float = 0.5, job: str | None = None,
+         logs: Path | None = None):
+    """Wait until condition() is true; fail with `what` after timeout seconds, and with the
+    job's state and the end of its log when a job and its log folder are given."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+            message = f"timed out after {timeout:.0f} s waiting for {what}"
+            if job:
+                fields = job_fields(job)
+                message += f"; job {job}: " + " ".join(f"{k}={fields.get(k)}" for k in
+                                                       ("JobState", "Reason", "RunTime", "NodeList"))
+            if job and logs and list(logs.glob(f"*-{job}.out")):
+                message += "\n" + job_log(logs, job)[-3000:]
+            pytest.fail(message)
         time.sleep(interval)
 
 
@@ -336,13 +346,14 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
                     "--num-workers", 1, opts=["--cpus-per-task=1"], wait=False)
     try:
         # The first epoch's checkpoint: training is under way and the signal handlers are set.
-        poll("the first epoch's checkpoint", (out / "checkpoints" / "last.ckpt").exists, timeout=90)
+        poll("the first epoch's checkpoint", (out / "checkpoints" / "last.ckpt").exists, timeout=90,
+             job=job, logs=tmp_path)
         assert job_fields(job)["JobState"] == "RUNNING"
         # What Slurm sends 90 s before the time limit, sent now by hand.
         subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
         poll("the job to be requeued",
              lambda: job_fields(job).get("Restarts") == "1" and job_fields(job)["JobState"] == "PENDING",
-             timeout=60)
+             timeout=60, job=job, logs=tmp_path)
         # A requeued job may not start for about two minutes; let it start now. Not in the same
         # second as the requeue, though: slurmd refuses a launch whose credential is no newer
         # than the revoked one of the first run ("Job credential revoked"), and the job fails.
@@ -351,7 +362,7 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
         poll("the requeued job to finish",
              lambda: job_fields(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
-             timeout=120)
+             timeout=120, job=job, logs=tmp_path)
     finally:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
