@@ -81,16 +81,6 @@ def server(site):
 
 # -------------------------------------------------------------- the browser
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args):
-    """pytest-playwright starts Debian's Chromium instead of downloading a browser of its own.
-    Without the background services, Chromium's calls home would fill the console with errors
-    on a machine without internet."""
-    return {**browser_type_launch_args, "executable_path": CHROMIUM,
-            "args": ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync"]}
-
-
 class Tab:
     """One browser tab that keeps what the console showed as errors since a page was opened."""
 
@@ -116,10 +106,17 @@ class Tab:
 
 
 @pytest.fixture(scope="module")
-def tab(browser):
+def tab(playwright):
+    """A tab of Debian's Chromium, started by pytest-playwright's Playwright: no browser is
+    downloaded. Without the background services, Chromium's calls home would fill the
+    console with errors on a machine without internet."""
+    browser = playwright.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync"])
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     yield Tab(page)
-    page.close()
+    browser.close()
 
 
 # ------------------------------------------------------------ what a page shows
