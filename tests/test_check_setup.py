@@ -51,47 +51,64 @@ def test_a_requirement_with_extras_is_read_and_its_extras_are_checked(monkeypatc
     assert check_setup.missing_extras("torch") == []  # no extras asked for
 
 
-def test_missing_data_fails_and_prints_the_download_command(tmp_path):
+def check(monkeypatch, capsys, env: dict, *args) -> tuple[int, str]:
+    """The exit status and output of `python examples/check_setup.py ARGS` in a shell with
+    these SLURM variables, run in this process (the packages it imports are imported here
+    already); the run above starts it as a learner does."""
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)  # it names commands relative to where it runs
+    try:
+        load_example("check_setup").main([str(a) for a in args])
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code
+    return code, capsys.readouterr().out
+
+
+def test_missing_data_fails_and_prints_the_download_command(monkeypatch, capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_script("check_setup.py", "--data-dir", empty, env=NO_SLURM)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "PROBLEM  MNIST is not in" in result.stdout
-    assert "PROBLEM  CIFAR-10 is not in" in result.stdout
+    code, out = check(monkeypatch, capsys, {}, "--data-dir", empty)
+    assert code == 1, out
+    assert "PROBLEM  MNIST is not in" in out
+    assert "PROBLEM  CIFAR-10 is not in" in out
     # The fix is the exact command, runnable from where the learner is (the repo root).
-    assert f"python examples/mnist_lightning.py --data-dir {empty} --download-only" in result.stdout
-    assert f"python examples/cifar10_lightning.py --data-dir {empty} --download-only" in result.stdout
-    assert "2 problem(s) found" in result.stdout
+    assert f"python examples/mnist_lightning.py --data-dir {empty} --download-only" in out
+    assert f"python examples/cifar10_lightning.py --data-dir {empty} --download-only" in out
+    assert "2 problem(s) found" in out
 
 
-def test_slurm_job_with_more_tasks_than_gpus_is_a_problem(tmp_path):
+def test_slurm_job_with_more_tasks_than_gpus_is_a_problem(monkeypatch, capsys, tmp_path):
     data = write_tiny_cifar10(write_tiny_mnist(tmp_path / "data"))
-    job = {**NO_SLURM, "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_JOB_NUM_NODES": "1",
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_NTASKS_PER_NODE": "4", "SLURM_GPUS_ON_NODE": "2"}
-    result = run_script("check_setup.py", "--data-dir", data, env=job)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "job 4242 (train): 1 node(s), 4 task(s) per node, 2 GPU(s) per node" in result.stdout
-    assert "PROBLEM  4 task(s) per node but 2 GPU(s) per node" in result.stdout
-    assert "--ntasks-per-node=2" in result.stdout
-    assert "PROBLEM  no --cpus-per-task" in result.stdout
+    code, out = check(monkeypatch, capsys, job, "--data-dir", data)
+    assert code == 1, out
+    assert "job 4242 (train): 1 node(s), 4 task(s) per node, 2 GPU(s) per node" in out
+    assert "PROBLEM  4 task(s) per node but 2 GPU(s) per node" in out
+    assert "--ntasks-per-node=2" in out
+    assert "PROBLEM  no --cpus-per-task" in out
 
 
-def test_slurm_job_named_interactive_gets_a_note_not_a_failure(tmp_path):
+def test_slurm_job_named_interactive_gets_a_note_not_a_failure(monkeypatch, capsys, tmp_path):
     data = write_tiny_cifar10(write_tiny_mnist(tmp_path / "data"))
-    job = {**NO_SLURM, "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "interactive", "SLURM_JOB_NUM_NODES": "1",
+    job = {"SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "interactive", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "2"}
-    result = run_script("check_setup.py", "--data-dir", data, env=job)
-    assert "Lightning ignores SLURM in a job named 'interactive'" in result.stdout
-    assert "--job-name=" in result.stdout
+    code, out = check(monkeypatch, capsys, job, "--data-dir", data)
+    assert "Lightning ignores SLURM in a job named 'interactive'" in out
+    assert "--job-name=" in out
     # Without a GPU job layout to get wrong, nothing else is amiss (a GPU machine has no
     # SLURM_GPUS_* here, and one task per visible GPU is not required for this job name).
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert code == 0, out
 
 
-def test_help_documents_the_data_dir_flag():
-    result = run_script("check_setup.py", "--help")
-    assert result.returncode == 0
-    assert "--data-dir" in result.stdout and "default: data" in result.stdout
+def test_help_documents_the_data_dir_flag(monkeypatch, capsys):
+    code, out = check(monkeypatch, capsys, {}, "--help")
+    assert code == 0
+    assert "--data-dir" in out and "default: data" in out
 
 
 def test_check_without_cluster_tools_next_to_it_names_the_missing_file(tmp_path):
