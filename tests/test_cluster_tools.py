@@ -125,13 +125,6 @@ def test_offline_stop_names_a_command_that_survives_copy_and_paste(monkeypatch, 
     cluster_tools.stop_if_data_unreachable("MNIST", str(tmp_path), False, "https://x.org/")
 
 
-def test_resume_without_checkpoint_starts_fresh(mnist_dir, tmp_path):
-    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", tmp_path / "x",
-                        *CPU, "--fast-dev-run", "--resume")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"--resume: no checkpoint in {tmp_path / 'x'}, starting from scratch" in result.stdout
-
-
 def test_last_checkpoint_records_the_best_checkpoint_of_its_own_epoch(mnist_dir, tmp_path):
     # --resume restores the best-checkpoint bookkeeping from last.ckpt. If last.ckpt were
     # written before the best checkpoint of the same epoch, it would record the epoch before,

@@ -33,8 +33,11 @@ def test_lightning_mnist_learns_and_reports_outputs(mnist_dir, tmp_path):
 
 def test_fast_dev_run_runs_one_batch_and_saves_nothing(mnist_dir, tmp_path):
     out = tmp_path / "fdr"
-    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", out, *CPU, "--fast-dev-run")
+    # With --resume and nothing to resume from, too: the run starts from scratch and says so.
+    result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", out, *CPU, "--fast-dev-run",
+                        "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"--resume: no checkpoint in {out}, starting from scratch" in result.stdout
     assert finished_steps(result.stdout) == 1
     assert not list(out.rglob("*.ckpt"))
 
