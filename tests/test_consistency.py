@@ -406,6 +406,15 @@ def missing_companions(root: Path) -> list[str]:
     return problems
 
 
+def test_parallel_runs_keep_a_files_tests_in_one_process(request):
+    # make test runs with --dist loadgroup: each worker marks a test's group in its node id
+    # ("...@group") so that module fixtures and SLURM jobs are not shared out. pytest 9.2
+    # changed how node ids are stored, and the marks silently stopped working.
+    if getattr(request.config.option, "loadgroup", False):
+        assert "@" in request.node.nodeid, ("pytest-xdist could not mark this test's group; "
+                                            "install the pytest version that requirements.txt names")
+
+
 def test_every_referenced_file_exists():
     problems = missing_references(REPO)
     assert not problems, "\n".join(problems)
