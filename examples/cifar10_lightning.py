@@ -27,8 +27,9 @@ import torchvision
 from lightning.pytorch.callbacks import (EarlyStopping, LearningRateMonitor,
                                          TQDMProgressBar)
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy, size_based_auto_wrap_policy
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -73,7 +74,39 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return model
 
 
-MODELS = {"cnn": small_cnn, "resnet18": resnet18_cifar}
+class ViTBlock(nn.Module):
+    """Attention across the image's patches, then a per-patch MLP; each adds to x."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, width // 32, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A Vision Transformer for 32x32 images: 64 patches of 4x4 pixels, `depth` blocks
+    of about 12 x width^2 parameters each (depth 4, width 128: 0.8 M in all)."""
+
+    def __init__(self, width: int = 128, depth: int = 4, num_classes: int = 10):
+        super().__init__()
+        self.patches = nn.Conv2d(3, width, kernel_size=4, stride=4)  # -> 8x8 patches
+        self.position = nn.Parameter(torch.zeros(1, 64, width))
+        self.blocks = nn.Sequential(*[ViTBlock(width) for _ in range(depth)])
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patches(images).flatten(2).transpose(1, 2) + self.position
+        return self.head(self.blocks(x).mean(dim=1))  # the mean over all patches
+
+
+MODELS = {"cnn": small_cnn, "resnet18": resnet18_cifar, "vit": ViT}
 # [/docs:models]
 
 
@@ -206,10 +239,12 @@ class CIFAR10DataModule(L.LightningDataModule):
 # [docs:module]
 class LitClassifier(L.LightningModule):
     def __init__(self, model: str = "cnn", lr: float = 0.05, weight_decay: float = 5e-4,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, vit_width: int = 128, vit_depth: int = 4,
+                 wrap_policy: str = "block", min_params: int = 100_000):
         super().__init__()
         self.save_hyperparameters()
-        self.net = MODELS[model]()
+        size = {"width": vit_width, "depth": vit_depth} if model == "vit" else {}
+        self.net = MODELS[model](**size)
         # channels_last lets cuDNN use its fastest convolution kernels on tensor cores.
         self.net = self.net.to(memory_format=torch.channels_last)
         # Buffers follow the model to its device; persistent=False: not in checkpoints.
@@ -282,25 +317,70 @@ class LitClassifier(L.LightningModule):
         torch.manual_seed(torch.initial_seed() + self.global_rank)
         if self.trainer.world_size > 1:
             cluster_tools.print_rank_line(self.trainer)
-# [/docs:module]
+    # [/docs:module]
+
+    def configure_model(self):
+        # --strategy fsdp2: Lightning calls this once the ranks are up and the device
+        # mesh is made. Shard each unit, then the root, which takes what is left.
+        if self.device_mesh is None or isinstance(self.net, FSDPModule):
+            return  # another strategy, or sharded already (test after fit)
+        mesh = self.device_mesh["data_parallel"]
+        self.net.to(memory_format=torch.contiguous_format)  # FSDP2 shards no other
+        units = shard_units(self.net, self.hparams.wrap_policy, self.hparams.min_params)
+        for unit in units:
+            fully_shard(unit, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
 
 
 # [docs:fsdp]
+BLOCKS = (ConvBlock, BasicBlock, ViTBlock)  # the repeating units of the three models
+
+
 def wrap_policy(name: str, min_params: int):
     """Which submodules FSDP turns into separately sharded units.
 
     none:  the whole model is one unit; every parameter is gathered at once.
-    block: each residual block (ResNet-18) or conv block (CNN) is a unit.
+    block: each block (CNN, ResNet-18's residual blocks, ViT) is a unit.
     size:  any subtree holding at least min_params parameters becomes a unit.
     """
     if name == "none":
         return None
     if name == "block":
-        return ModuleWrapPolicy({BasicBlock, ConvBlock})
+        return ModuleWrapPolicy(set(BLOCKS))
     return functools.partial(size_based_auto_wrap_policy, min_num_params=min_params)
 
 
+def shard_units(net: nn.Module, name: str, min_params: int) -> list[nn.Module]:
+    """FSDP2's wrapping: the same three choices as wrap_policy, as a list of modules,
+    innermost first, that get a fully_shard call of their own before the root does."""
+    if name == "block":
+        return [m for m in net.modules() if isinstance(m, BLOCKS)]
+    units = []
+
+    def unsharded_params(module: nn.Module) -> int:  # the size rule, bottom up
+        n = sum(p.numel() for p in module.parameters(recurse=False))
+        n += sum(unsharded_params(child) for child in module.children())
+        if name == "size" and module is not net and n >= min_params:
+            units.append(module)
+            return 0
+        return n
+
+    unsharded_params(net)
+    return units
+
+
 def build_strategy(args):
+    if args.strategy == "fsdp2":
+        # Lightning's ModelParallelStrategy runs FSDP2 (configure_model shards). Its
+        # mesh defaults to nodes x devices per node for two kinds of parallelism; one
+        # data-parallel dimension over every rank is plain FSDP.
+        devices = args.devices
+        if devices == "auto":
+            on_cpu = cluster_tools.uses_cpu(args.accelerator)
+            devices = 1 if on_cpu else torch.cuda.device_count()
+        return ModelParallelStrategy(
+            data_parallel_size=devices * args.num_nodes, tensor_parallel_size=1,
+            save_distributed_checkpoint=args.checkpoint_format != "full")
     if args.strategy != "fsdp":
         return args.strategy
     mesh = None
@@ -313,24 +393,26 @@ def build_strategy(args):
         auto_wrap_policy=wrap_policy(args.wrap_policy, args.min_params),
         sharding_strategy=args.sharding,
         device_mesh=mesh,
-        activation_checkpointing_policy=(ModuleWrapPolicy({BasicBlock, ConvBlock})
+        activation_checkpointing_policy=(ModuleWrapPolicy(set(BLOCKS))
                                          if args.activation_checkpointing else None),
-        # "full": one file; "sharded": a folder with one piece per rank.
-        state_dict_type=args.checkpoint_format,
+        # "full": one file; "sharded" (fsdp2's auto): a folder with one piece per rank.
+        state_dict_type="sharded" if args.checkpoint_format == "sharded" else "full",
     )
 # [/docs:fsdp]
 
 
 # [docs:precision]
-def choose_precision(precision: str, accelerator: str) -> str:
+def choose_precision(precision: str, accelerator: str, strategy: str) -> str:
     """--precision auto: bfloat16 mixed precision on a GPU that computes in it (A100,
-    H100 and newer), float16 on older GPUs (V100), plain 32-bit floats on a CPU."""
+    H100 and newer), float16 on older GPUs (V100; fsdp2 takes no float16: 32-bit
+    there), plain 32-bit floats on a CPU."""
     if precision != "auto":
         return precision
     if cluster_tools.uses_cpu(accelerator):
         return "32-true"
-    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    return "bf16-mixed" if bf16 else "16-mixed"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16-mixed"
+    return "32-true" if strategy == "fsdp2" else "16-mixed"
 # [/docs:precision]
 
 
@@ -353,12 +435,15 @@ def main(argv=None):
     L.seed_everything(args.seed, workers=True)
     torch.set_float32_matmul_precision("high")  # TF32 matrix units for any float32 work
     model = LitClassifier(args.model, lr=args.lr, weight_decay=args.weight_decay,
-                          label_smoothing=args.label_smoothing)
+                          label_smoothing=args.label_smoothing,
+                          vit_width=args.vit_width, vit_depth=args.vit_depth,
+                          wrap_policy=args.wrap_policy, min_params=args.min_params)
     if args.compile:  # in place, so checkpoints keep the plain parameter names
         model.net.compile(mode=args.compile_mode)
 
     best_ckpt, last_ckpt = cluster_tools.checkpoint_callbacks(output_dir)
-    callbacks = [best_ckpt, last_ckpt, LearningRateMonitor(logging_interval="step")]
+    callbacks = [best_ckpt, last_ckpt, LearningRateMonitor(logging_interval="step"),
+                 cluster_tools.HeldMemoryLine()]  # what each rank holds of the model
     if args.early_stop_patience:
         # Checked after validation, where val_acc is: checked at the end of the
         # training epoch (the default), a run resumed from last.ckpt would crash.
@@ -375,7 +460,7 @@ def main(argv=None):
         devices=args.devices,
         num_nodes=args.num_nodes,
         strategy=build_strategy(args),
-        precision=choose_precision(args.precision, args.accelerator),
+        precision=choose_precision(args.precision, args.accelerator, args.strategy),
         max_epochs=args.max_epochs,
         gradient_clip_val=args.grad_clip,
         fast_dev_run=args.fast_dev_run,
@@ -422,6 +507,11 @@ def parse_args(argv=None):
     model = parser.add_argument_group("model and training")
     model.add_argument("--model", default="cnn", choices=sorted(MODELS),
                        help="default: %(default)s")
+    model.add_argument("--vit-width", type=int, default=128,
+                       help="with --model vit: numbers per patch "
+                            "(default: %(default)s)")
+    model.add_argument("--vit-depth", type=int, default=4,
+                       help="with --model vit: blocks (default: %(default)s)")
     model.add_argument("--max-epochs", type=int, default=10,
                        help="default: %(default)s")
     model.add_argument("--batch-size", type=int, default=256,
@@ -456,7 +546,7 @@ def parse_args(argv=None):
                      help="print where the time went, per Lightning hook (simple) or "
                           "per function (advanced)")
 
-    fsdp = parser.add_argument_group("FSDP (only with --strategy fsdp)")
+    fsdp = parser.add_argument_group("FSDP (only with --strategy fsdp or fsdp2)")
     fsdp.add_argument("--wrap-policy", default="block",
                       choices=["none", "block", "size"],
                       help="what FSDP shards as one unit (default: %(default)s)")
@@ -470,23 +560,40 @@ def parse_args(argv=None):
     fsdp.add_argument("--activation-checkpointing", action="store_true",
                       help="recompute block activations in the backward pass, "
                            "to save memory")
-    fsdp.add_argument("--checkpoint-format", default="full",
-                      choices=["full", "sharded"],
-                      help="default: %(default)s")
+    fsdp.add_argument("--checkpoint-format", default="auto",
+                      choices=["auto", "full", "sharded"],
+                      help="full: one file; sharded: a folder, one piece per rank; "
+                           "auto: full with fsdp, sharded with fsdp2 "
+                           "(default: %(default)s)")
 
     # --accelerator, --devices, --num-nodes, --strategy, --num-workers, --seed,
     # --resume, --fast-dev-run, --no-progress-bar: the flags both scripts share.
-    cluster_tools.add_shared_flags(parser, accelerators=("auto", "cpu", "gpu", "cuda"))
+    cluster_tools.add_shared_flags(parser, accelerators=("auto", "cpu", "gpu", "cuda"),
+                                   strategies=("auto", "ddp", "fsdp", "fsdp2"))
     args = parser.parse_args(argv)
-    # FSDP's flags mean nothing to other strategies: say so rather than ignore them.
+    # Flags that mean nothing to the model or strategy asked for: say so, never ignore.
     changed = [name for name in ("wrap_policy", "min_params", "sharding",
                                  "activation_checkpointing", "checkpoint_format")
                if getattr(args, name) != parser.get_default(name)]
-    if changed and args.strategy != "fsdp":
+    if changed and args.strategy not in ("fsdp", "fsdp2"):
         flag = changed[0].replace("_", "-")
-        parser.error(f"--{flag} only applies with --strategy fsdp")
-    if args.min_params < 1:
-        parser.error("--min-params must be at least 1")
+        parser.error(f"--{flag} only applies with --strategy fsdp or fsdp2")
+    for flag in ("vit_width", "vit_depth"):
+        if getattr(args, flag) != parser.get_default(flag) and args.model != "vit":
+            parser.error(f"--{flag.replace('_', '-')} only applies with --model vit")
+    for flag in ("min_params", "vit_width", "vit_depth"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.vit_width % 32:
+        parser.error("--vit-width must be a multiple of 32 (one attention head per 32)")
+    if args.strategy == "fsdp2":
+        # What this script's FSDP2 set-up leaves to FSDP1 (--strategy fsdp, GPUs only).
+        unsupported = {"--compile": args.compile,
+                       "--activation-checkpointing": args.activation_checkpointing,
+                       f"--sharding {args.sharding}": args.sharding != "FULL_SHARD",
+                       f"--precision {args.precision}": args.precision == "16-mixed"}
+        for flag in (flag for flag, given in unsupported.items() if given):
+            parser.error(f"{flag} does not work with --strategy fsdp2 in this script")
     if args.strategy == "fsdp" and args.grad_clip:
         # Lightning 2.6 clips by norm through the precision plugin, which under FSDP
         # raises at the first step: the norm needs every rank's shard.

@@ -7,7 +7,8 @@ by line.
 - a stop with the command that fixes it when data is missing on an offline machine;
 - SLURM checks: started by srun, as many tasks as devices x nodes;
 - saving and requeueing before a job's time limit (RequeueOnSignal), and --resume;
-- what a run prints: one line per rank at the start, where the results went at the end.
+- what a run prints: one line per rank at the start (and, from held_bytes, what each
+  rank holds of the model), where the results went at the end.
 
 Reuse it in your own project: copy this file next to your training script and import
 what you need, for example
@@ -33,6 +34,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import (SLURMEnvironment,
                                                     TorchElasticEnvironment)
+from torch.distributed.tensor import DTensor
 
 # Lightning ignores SLURM in a job with one of these names: an interactive shell.
 INTERACTIVE_JOB_NAMES = ("bash", "interactive")
@@ -263,11 +265,17 @@ def find_resume_checkpoint(output_dir: Path):
     """
     candidates = [output_dir / "checkpoints" / "last.ckpt",
                   *output_dir.glob("hpc_ckpt_*.ckpt")]
-    # A checkpoint is a file, or a folder for sharded FSDP checkpoints.
     found = [p for p in candidates if p.exists()]
     if not found:
         return None
-    return str(max(found, key=lambda p: p.stat().st_mtime))
+    return str(max(found, key=saved_at))
+
+
+def saved_at(checkpoint: Path) -> float:
+    """When a checkpoint was written: a file's time, or the newest time of the files in
+    a folder (a sharded checkpoint: saving over one leaves the folder's own time)."""
+    files = [f for f in checkpoint.rglob("*") if f.is_file()] or [checkpoint]
+    return max(f.stat().st_mtime for f in files)
 
 
 def resume_checkpoint(trainer: L.Trainer, output_dir: Path, resume: bool):
@@ -289,6 +297,38 @@ def print_rank_line(trainer: L.Trainer):
           f"(local rank {trainer.local_rank}) on {socket.gethostname()} "
           f"uses {trainer.strategy.root_device}\n",
           end="", flush=True)  # one write: lines of ranks sharing a log never mix
+
+
+def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """The bytes of parameters, gradients and optimizer state that this rank holds.
+    Under FSDP2 each is a DTensor, of which this rank holds only a shard: to_local()."""
+    tensors = list(module.parameters())
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    tensors += [value for state in optimizer.state.values() for value in state.values()
+                if isinstance(value, torch.Tensor)]
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+class HeldMemoryLine(L.Callback):
+    """After the first training step, when gradients and optimizer state exist, every
+    rank prints what it holds of them: under DDP all of it, under FSDP its shard."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.printed = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.printed:
+            return
+        self.printed = True
+        held = held_bytes(pl_module, trainer.optimizers[0]) / 1e6
+        line = (f"rank {trainer.global_rank}/{trainer.world_size}: parameters, "
+                f"gradients and optimizer state: {held:.1f} MB")
+        bar = trainer.progress_bar_callback
+        if bar is not None and trainer.is_global_zero:
+            bar.print(line)  # above the progress bar, which rank 0 is drawing
+        else:  # after rank 0's half-drawn bar, in a terminal that all ranks share
+            print(("\n" if bar is not None else "") + line + "\n", end="", flush=True)
 
 
 def print_summary(trainer: L.Trainer, best: str, last: str):
