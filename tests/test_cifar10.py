@@ -1,11 +1,16 @@
 """The CIFAR-10 script on CPU and tiny learnable data, and its FSDP wrap policies."""
 
 import csv
+import os
+import pickle
+import re
+import signal
 import subprocess
 import sys
 import time
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +119,66 @@ def test_killed_run_resumes_from_last_checkpoint_with_its_schedule(cifar_script,
     # training-pipeline exercise that shows it.)
 
 
+# ------------------------------------------------------- FSDP2: two ranks on the CPU
+
+VIT = ("--model", "vit", "--vit-width", 64)  # 0.2 M parameters: a few seconds an epoch
+
+
+def held_megabytes(output: str) -> dict[int, float]:
+    """{rank: MB} from the lines 'rank R/W: parameters, gradients and optimizer state: X MB'."""
+    found = re.findall(r"^rank (\d+)/\d+: parameters, gradients and optimizer state: ([\d.]+) MB$", output, re.M)
+    return {int(rank): float(mb) for rank, mb in found}
+
+
+def run_until_epoch_saved(args: list, checkpoint: Path, epoch: int) -> str:
+    """Start the script as a learner would, and stop it (all its ranks) as a time limit or a
+    node failure would, once `checkpoint` (a sharded folder) holds the end of `epoch`."""
+    run = subprocess.Popen([sys.executable, EXAMPLES / "cifar10_lightning.py", *map(str, args)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                           env={**learner_environ(), "OMP_NUM_THREADS": "1"})
+
+    def saved_epoch() -> int:
+        try:  # rank 0 writes meta.pt last; a half-written one does not load yet
+            return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=False)["epoch"]
+        except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError):
+            return -1
+
+    deadline = time.monotonic() + 120
+    while saved_epoch() < epoch and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(run.pid, signal.SIGKILL)
+    output = run.communicate()[0]
+    assert saved_epoch() == epoch and "finished after" not in output, output[-3000:]
+    return output
+
+
+def test_fsdp2_shards_on_two_cpu_ranks_and_a_stopped_run_continues_on_one(cifar_dir, tmp_path):
+    # (fsdp.md's Exercise 3 compares what a rank holds under DDP and FSDP2, and its Exercise 4
+    # continues a one-process checkpoint on two processes; test_page_commands.py runs both.)
+    out = tmp_path / "fsdp2"
+    last = out / "checkpoints" / "last.ckpt"
+    # One effective batch of 32 on either count (2 x 16, then 1 x 32): the one-cycle schedule
+    # planned for 2 epochs of 14 steps holds.
+    common = ["--data-dir", cifar_dir, "--output-dir", out, *CPU, *VIT, "--strategy", "fsdp2", "--max-epochs", 2]
+    first = run_until_epoch_saved([*common, "--devices", 2, "--batch-size", 16], last, epoch=0)
+    # Each rank holds half of every parameter, gradient and momentum buffer, and saved its half.
+    held = held_megabytes(first)
+    assert set(held) == {0, 1} and abs(held[0] - held[1]) <= 0.15, held  # halves of 2.5 MB
+    assert {p.name for p in last.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"}
+
+    # Stopped after epoch 0 on two ranks; one rank reads both halves and trains epoch 1 (with
+    # the gradient norm clipped, which FSDP2 allows and Lightning's FSDP1 does not).
+    second = run_script("cifar10_lightning.py", *common, "--devices", 1, "--batch-size", 32, "--resume",
+                        "--grad-clip", 1.0)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Restored all states from the checkpoint at {last}" in second.stdout + second.stderr
+    assert held_megabytes(second.stdout)[0] == pytest.approx(held[0] + held[1], abs=0.15)  # all of it
+    assert finished_steps(second.stdout) == 2 * (TINY_CIFAR_TRAIN // 32)
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows if r.get("val_acc")] == [0, 1]
+    assert last_value(rows, "test_acc") > 0.5
+
+
 @pytest.fixture(scope="module")
 def cifar_script():
     return load_example("cifar10_lightning")
@@ -134,6 +199,13 @@ def cifar_script():
         (("--checkpoint-format", "sharded", "--strategy", "ddp"),
          "--checkpoint-format only applies with --strategy fsdp"),
         (("--strategy", "fsdp", "--grad-clip", "1"), "--grad-clip does not work with --strategy fsdp"),
+        (("--vit-depth", "8"), "--vit-depth only applies with --model vit"),
+        (("--model", "vit", "--vit-width", "100"), "--vit-width must be a multiple of 32"),
+        (("--strategy", "fsdp2", "--sharding", "NO_SHARD"),
+         "--sharding NO_SHARD does not work with --strategy fsdp2"),
+        (("--strategy", "fsdp2", "--compile"), "--compile does not work with --strategy fsdp2"),
+        (("--strategy", "fsdp2", "--precision", "16-mixed"),
+         "--precision 16-mixed does not work with --strategy fsdp2"),
     ],
 )
 def test_bad_flags_give_one_clear_line(cifar_script, capsys, flags, expected):
@@ -279,6 +351,20 @@ def test_wrap_policy_size_wraps_the_smallest_large_enough_subtrees(gloo_group, m
         assert "layer1" in units and "layer1.0" not in units
 
 
+@pytest.mark.parametrize("policy", ["none", "block", "size"])
+@pytest.mark.parametrize("model_name", ["cnn", "resnet18", "vit"])
+def test_fsdp2_shards_the_units_that_fsdp1_wraps(gloo_group, model_name, policy):
+    # --wrap-policy means the same with both: FSDP1's auto-wrap policy picks the units it
+    # wraps, FSDP2's shard_units the modules that get a fully_shard call of their own.
+    module = load_example("cifar10_lightning")
+    wrapped = set(fsdp_units(module.MODELS[model_name](), module.wrap_policy(policy, 100_000))) - {""}
+    net = module.MODELS[model_name]()
+    names = {unit: name for name, unit in net.named_modules()}
+    sharded = [names[unit] for unit in module.shard_units(net, policy, 100_000)]
+    assert set(sharded) == wrapped and len(sharded) == len(wrapped)
+    assert bool(sharded) == (policy != "none")
+
+
 @pytest.mark.parametrize("wrap", ["none", "block"])
 def test_hybrid_shard_is_told_the_nodes_by_devices_layout(wrap):
     # Without a device mesh, Lightning refuses HYBRID_SHARD with no wrap policy (a raw
@@ -302,9 +388,11 @@ def test_default_precision_follows_what_the_gpu_computes_in(monkeypatch, bf16, e
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     assert module.parse_args([]).precision == "auto"  # the flag's default, as --help says
-    assert module.choose_precision("auto", "auto") == expected
-    assert module.choose_precision("32-true", "auto") == "32-true"
-    assert module.choose_precision("auto", "cpu") == "32-true"
+    assert module.choose_precision("auto", "auto", "ddp") == expected
+    assert module.choose_precision("32-true", "auto", "ddp") == "32-true"
+    assert module.choose_precision("auto", "cpu", "ddp") == "32-true"
+    # Lightning's FSDP2 strategy takes no float16: 32-bit floats on such a GPU.
+    assert module.choose_precision("auto", "auto", "fsdp2") == ("bf16-mixed" if bf16 else "32-true")
 
 
 def test_batch_larger_than_a_devices_share_stops_with_one_line(cifar_dir, tmp_path):

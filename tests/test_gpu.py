@@ -1,4 +1,4 @@
-"""The scripts on a real GPU: FSDP wrap policies and sharding strategies, checkpoints
+"""The scripts on a real GPU: FSDP wrap policies and sharding strategies, FSDP2, checkpoints
 saved and loaded back, bf16, torch.compile, DDP. Skipped where PyTorch sees no GPU."""
 
 import re
@@ -50,6 +50,17 @@ def test_fsdp_sharded_checkpoint_with_activation_checkpointing_is_restored(cifar
     assert again.returncode == 0, again.stderr[-4000:]
     assert "Restored all states from the checkpoint" in again.stdout + again.stderr
     assert f"finished after {steps} training steps" in again.stdout  # nothing left to train
+
+
+def test_fsdp2_vit_trains_saves_and_reloads_on_one_gpu(cifar_dir, tmp_path):
+    out = tmp_path / "fsdp2"
+    result = run_script("cifar10_lightning.py", "--data-dir", cifar_dir, "--output-dir", out, *TINY,
+                        "--model", "vit", "--strategy", "fsdp2", "--devices", 1)
+    assert_trained_and_tested(result, out)
+    assert (out / "checkpoints" / "last.ckpt").is_dir()  # sharded: a folder of pieces
+    # bf16-mixed is the default on a GPU that computes in bfloat16; FSDP2 takes it too.
+    assert "Using bfloat16 Automatic Mixed Precision (AMP)" in result.stdout + result.stderr
+    assert re.search(r"rank 0/1: parameters, gradients and optimizer state: [\d.]+ MB", result.stdout)
 
 
 def test_bf16_compiled_cnn_trains_on_one_gpu(cifar_dir, tmp_path):

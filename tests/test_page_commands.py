@@ -9,6 +9,7 @@ import ast
 import csv
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_ddp_exercise_1_step_counts_and_rank_lines(folders):
     assert (steps(one), steps(two)) == (14, 7) == (TINY_CIFAR_TRAIN // 32, TINY_CIFAR_TRAIN // 2 // 32)
     assert "effective batch size: 32 per device x 1 devices = 32" in one.stdout
     assert two.stdout.count("effective batch size: 32 per device x 2 devices = 64") == 1  # rank 0 only
-    assert len([line for line in two.stdout.splitlines() if line.startswith("rank ")]) == 2
+    assert len(re.findall(r"^rank \d/2 \(local rank \d\) on ", two.stdout, re.M)) == 2  # one per process
 
 
 @pytest.mark.xdist_group("ddp.md")
@@ -145,6 +146,27 @@ def test_profiler_exercise_reports_after_fit_and_after_test(folders):
         lines = page.result_of(fragment).stdout.splitlines()
         for row in ("run_training_batch", "train_dataloader_next"):
             assert sum(row in line for line in lines) == 2, lines  # once after fit, once after test
+
+
+@pytest.mark.xdist_group("fsdp.md")
+def test_fsdp_exercises_each_rank_holds_half_and_a_checkpoint_moves_to_two_ranks(folders):
+    page = folders("fsdp.md")
+
+    def result(ending: str):  # the exercise shows the command, its solution the same again
+        command = next(c for c in page.page_commands if c.text.endswith(ending))
+        return page.run(command)
+
+    held = {strategy: [float(mb) for mb in re.findall(r"^rank \d/2: parameters, gradients and optimizer state: "
+                                                       r"([\d.]+) MB$", result(f"--strategy {strategy}").stdout, re.M)]
+            for strategy in ("ddp", "fsdp2")}
+    assert len(held["ddp"]) == len(held["fsdp2"]) == 2
+    assert max(held["fsdp2"]) <= 0.6 * min(held["ddp"]), held  # about 0.5: each holds half
+    # Exercise 4: one process's checkpoint, continued on two; the step count carries on.
+    resumed = result("--devices 2 --batch-size 16 --resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert finished_steps(resumed.stdout) == 2 * (TINY_CIFAR_TRAIN // 32)
+    last = page.root / "runs" / "fsdp2" / "checkpoints" / "last.ckpt"
+    assert torch.load(last / "meta.pt", map_location="cpu", weights_only=False)["global_step"] == 28
 
 
 @pytest.mark.xdist_group("fsdp.md")

@@ -252,28 +252,6 @@ def test_cpu_template_trains_with_two_ranks_on_one_node(cluster, job_env, mnist_
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_multinode_template_runs_one_rank_on_each_node(cluster, job_env, cifar_dir, tmp_path):
-    out = tmp_path / "run"
-    local_disk = tmp_path / "node-local"
-    env = {**job_env, "DATA_DIR": str(cifar_dir), "STAGE_DATA": "1", "LOCAL_DISK": str(local_disk)}
-    job, fields = sbatch(tmp_path, env, "cifar10-ddp-multinode.sbatch",
-                         "--accelerator", "cpu", "--model", "cnn", "--max-epochs", 1, "--batch-size", 32,
-                         "--output-dir", out,
-                         opts=[*ON_TEST_CLUSTER, "--ntasks-per-node=1"])
-    log = job_log(tmp_path, job)
-    assert fields["JobState"] == "COMPLETED", log[-3000:]
-    # Global ranks 0 and 1, each local rank 0 of its own node: DDP across two nodes.
-    ranks = {m.groups() for m in RANK_LINE.finditer(log)}
-    assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "0", "n2", "cpu")}
-    assert finished_steps(log) == TINY_CIFAR_TRAIN // 2 // 32
-    # The data set was copied once per node, and the job read that copy.
-    staged = local_disk / f"{fields['UserId'].split('(')[0]}-{job}"
-    assert f"data staged to {staged / 'cifar-10-batches-py'} on n1" in log
-    assert f"data staged to {staged / 'cifar-10-batches-py'} on n2" in log
-    # The job removed its copies when it ended.
-    assert not staged.exists()
-
-
 @pytest.mark.parametrize(
     "name, data, script_args, opts",
     [
@@ -333,23 +311,14 @@ def test_script_started_without_srun_in_a_job_of_two_tasks_stops_with_one_clear_
     assert "Traceback" not in log
 
 
-def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluster, job_env, mnist_dir, tmp_path):
-    # Two DDP ranks, as the template asks for: the signal may reach them at different
-    # moments, and the scripts' RequeueOnSignal makes them save together between steps.
-    # Each rank has DataLoader workers, as on a GPU: SLURM signals every process of the
-    # job step, the workers too, and a worker that does not expect SIGUSR1 dies of it.
-    out = tmp_path / "run"
-    epochs, batch = 20, 8
-    env = {**job_env, "DATA_DIR": str(mnist_dir)}
-    job, _ = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
-                    "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
-                    "--num-workers", 1, opts=["--cpus-per-task=1"], wait=False)
+def preempt_and_restart(job: str, tmp_path: Path, first_checkpoint: Path):
+    """Once the job has saved its first epoch, do what Slurm does 90 s before the time limit
+    (SIGUSR1 to every task), wait until the job has requeued itself, let it start again at
+    once, and wait until it ends."""
     try:
         # The first epoch's checkpoint: training is under way and the signal handlers are set.
-        poll("the first epoch's checkpoint", (out / "checkpoints" / "last.ckpt").exists, timeout=90,
-             job=job, logs=tmp_path)
+        poll("the first epoch's checkpoint", first_checkpoint.exists, timeout=90, job=job, logs=tmp_path)
         assert job_fields(job)["JobState"] == "RUNNING"
-        # What Slurm sends 90 s before the time limit, sent now by hand.
         subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
         poll("the job to be requeued",
              lambda: job_fields(job).get("Restarts") == "1" and job_fields(job)["JobState"] == "PENDING",
@@ -366,22 +335,19 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
     finally:
         subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
-    log = job_log(tmp_path, job)
-    fields = job_fields(job)
+
+def assert_requeued_once_and_finished(log: str, job: str, fields: dict, out: Path, planned: int):
+    """One requeue, one restart from its checkpoint, and exactly the planned steps in all."""
     assert fields["JobState"] == "COMPLETED", log[-3000:]
     assert fields["Restarts"] == "1"
     # The first run saved a checkpoint and requeued the job itself; the second run, whose
     # output was appended to the same log, restored that checkpoint.
-    assert (out / "hpc_ckpt_1.ckpt").is_file()
+    assert (out / "hpc_ckpt_1.ckpt").exists()
     # Printed once, by rank 0; the first run ends without a "finished after" line.
     assert log.count(f"saved {out / 'hpc_ckpt_1.ckpt'} and requeued SLURM job {job}") == 1
     assert log.count("finished after") == 1
     assert f"Restoring states from the checkpoint path at {out / 'hpc_ckpt_1.ckpt'}" in log
-    # It finished with exactly the planned number of steps, no more, no fewer.
-    planned = epochs * math.ceil(TINY_MNIST_TRAIN / 2 / batch)
     assert finished_steps(log) == planned
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == planned
     # Two runs, two metrics files; the second one's steps carry on instead of restarting at 0.
     versions = metrics_files(out)
     assert [p.parent.name for p in versions] == ["version_0", "version_1"]
@@ -389,3 +355,50 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
         second_run_steps = [int(row["step"]) for row in csv.DictReader(f)]
     assert second_run_steps and second_run_steps[0] > 0
     assert second_run_steps == sorted(second_run_steps)
+
+
+def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluster, job_env, mnist_dir, tmp_path):
+    # Two DDP ranks, as the template asks for: the signal may reach them at different
+    # moments, and the scripts' RequeueOnSignal makes them save together between steps.
+    # Each rank has DataLoader workers, as on a GPU: SLURM signals every process of the
+    # job step, the workers too, and a worker that does not expect SIGUSR1 dies of it.
+    out = tmp_path / "run"
+    epochs, batch = 20, 8
+    env = {**job_env, "DATA_DIR": str(mnist_dir)}
+    job, _ = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
+                    "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
+                    "--num-workers", 1, opts=["--cpus-per-task=1"], wait=False)
+    preempt_and_restart(job, tmp_path, out / "checkpoints" / "last.ckpt")
+    planned = epochs * math.ceil(TINY_MNIST_TRAIN / 2 / batch)
+    assert_requeued_once_and_finished(job_log(tmp_path, job), job, job_fields(job), out, planned)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == planned
+
+
+def test_multinode_template_runs_fsdp2_on_two_nodes_and_resumes_after_a_requeue(cluster, job_env, cifar_dir,
+                                                                                 tmp_path):
+    # The multi-node template with --strategy fsdp2, one rank on each node, the data staged
+    # to each node's local disk: each rank holds half of the model, the requeue checkpoint
+    # is a folder with one piece per rank, and the restarted job reads it back and finishes.
+    out, local_disk = tmp_path / "run", tmp_path / "node-local"
+    env = {**job_env, "DATA_DIR": str(cifar_dir), "STAGE_DATA": "1", "LOCAL_DISK": str(local_disk)}
+    epochs, batch = 8, 8
+    job, _ = sbatch(tmp_path, env, "cifar10-ddp-multinode.sbatch",
+                    "--accelerator", "cpu", "--strategy", "fsdp2", "--model", "vit", "--vit-width", 64,
+                    "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
+                    opts=[*ON_TEST_CLUSTER, "--ntasks-per-node=1"], wait=False)
+    preempt_and_restart(job, tmp_path, out / "checkpoints" / "last.ckpt" / "meta.pt")
+    log, fields = job_log(tmp_path, job), job_fields(job)
+    assert_requeued_once_and_finished(log, job, fields, out, epochs * (TINY_CIFAR_TRAIN // 2 // batch))
+    # Global ranks 0 and 1, each local rank 0 of its own node: FSDP2 across two nodes.
+    assert {m.groups() for m in RANK_LINE.finditer(log)} == {("0", "2", "0", "n1", "cpu"), ("1", "2", "0", "n2", "cpu")}
+    assert {p.name for p in (out / "hpc_ckpt_1.ckpt").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    # Both runs, both ranks: what each holds, half of the model.
+    held = [float(mb) for mb in re.findall(r"^rank \d/2: parameters, gradients and optimizer state: ([\d.]+) MB$",
+                                           log, re.M)]
+    assert len(held) == 4 and max(held) - min(held) <= 0.15, held  # halves of 2.5 MB
+    # Each run copied the data set once per node, read that copy, and removed it at the end.
+    staged = local_disk / f"{fields['UserId'].split('(')[0]}-{job}"
+    for node in ("n1", "n2"):
+        assert log.count(f"data staged to {staged / 'cifar-10-batches-py'} on {node}") == 2
+    assert not staged.exists()
