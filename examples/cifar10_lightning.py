@@ -308,8 +308,8 @@ class LitClassifier(L.LightningModule):
             sys.exit(f"error: the checkpoint's learning-rate schedule was planned for "
                      f"{planned} steps, this run for "
                      f"{self.trainer.estimated_stepping_batches}; resume with the "
-                     f"original --max-epochs, --batch-size, --devices and --num-nodes, "
-                     f"or start a new run in another --output-dir")
+                     f"original --max-epochs and effective batch (--batch-size x "
+                     f"devices x nodes), or start a new run in another --output-dir")
 
     def on_fit_start(self):
         # Every process was seeded alike: the weights start identical. From here, each
