@@ -268,9 +268,10 @@ def check_slurm(report: Report, torch_gpus: int):
     if name in ("bash", "interactive"):
         # Lightning's SLURMEnvironment.detect() is False for these names, so the task
         # layout does not matter: `python script.py --devices N` starts N processes itself.
-        report.note(f"Lightning ignores SLURM in a job named {name!r}: it starts its own processes "
-                    f"and does not use the job's tasks or nodes",
-                    "for srun and multi-node runs give the job another name, e.g. --job-name=lesson")
+        report.note(f"Lightning ignores SLURM in a job named {name!r}: python script.py --devices N "
+                    f"starts N processes on this node itself",
+                    "to use the job's tasks (several nodes, say), start srun python script.py ...: "
+                    "the lesson's scripts then take SLURM's ranks, as in a batch job")
     elif gpus and tasks != gpus:
         report.problem(f"{tasks} task(s) per node but {gpus} GPU(s) per node: Lightning runs one task per GPU",
                        f"ask for --ntasks-per-node={gpus} and pass --devices {gpus}, "

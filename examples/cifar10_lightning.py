@@ -325,7 +325,7 @@ def main(argv=None):
     cluster_tools.stop_if_data_unreachable("CIFAR-10", args.data_dir,
                                            datamodule.is_downloaded(),
                                            torchvision.datasets.CIFAR10.url)
-    cluster_tools.check_slurm_tasks(args.devices, args.num_nodes)
+    cluster_tools.check_launch(args.devices, args.num_nodes)
 
     L.seed_everything(args.seed, workers=True)
     torch.set_float32_matmul_precision("high")  # TF32 matrix units for any float32 work

@@ -5,7 +5,8 @@ by line.
 - the flags both scripts take, and one clear line for every impossible combination;
 - DataLoader workers that fit the CPUs a job was given;
 - a stop with the command that fixes it when data is missing on an offline machine;
-- SLURM checks: started by srun, as many tasks as devices x nodes;
+- who starts the processes (srun, torchrun or Lightning itself), and one clear line
+  when their number cannot match --devices x --num-nodes;
 - saving and requeueing before a job's time limit (RequeueOnSignal), and --resume;
 - what a run prints: one line per rank at the start (and, from held_bytes, what each
   rank holds of the model), where the results went at the end.
@@ -13,7 +14,7 @@ by line.
 Reuse it in your own project: copy this file next to your training script and import
 what you need, for example
 
-    from cluster_tools import RequeueOnSignal, cluster_plugins, check_slurm_tasks
+    from cluster_tools import RequeueOnSignal, cluster_plugins, check_launch
 
 It needs only PyTorch and Lightning. The lesson's tests/test_cluster_tools.py tests it.
 """
@@ -94,9 +95,8 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"--lr must be positive and finite, not {args.lr}")
     # Lightning starts the processes of one machine only; on several nodes something
     # else must start them everywhere, or rank 0 waits for ranks that never come.
-    if args.num_nodes > 1 and not (SLURMEnvironment.detect()
-                                   or TorchElasticEnvironment.detect()
-                                   or "NODE_RANK" in os.environ):
+    if (args.num_nodes > 1 and launcher() == "lightning"
+            and "NODE_RANK" not in os.environ):
         parser.error("--num-nodes above 1 needs a launcher that starts the processes "
                      "on every node: srun in a SLURM job, or torchrun")
     if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -110,13 +110,17 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
 # ------------------------------------------------------------------ CPUs and workers
 
 def usable_cpus() -> int:
-    """CPUs this process may use: its affinity mask, capped by SLURM's allocation."""
+    """CPUs this process may use: its affinity mask, capped by SLURM's allocation, and
+    under torchrun its share of them (one task, and its cores, for all of a node's
+    processes)."""
     if hasattr(os, "sched_getaffinity"):
         n = len(os.sched_getaffinity(0))
     else:
         n = os.cpu_count()
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         n = min(n, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    if launcher() == "torchrun":
+        n = n // int(os.environ["LOCAL_WORLD_SIZE"])
     return max(n or 1, 1)
 
 
@@ -154,30 +158,98 @@ def stop_if_data_unreachable(dataset: str, data_dir: str, downloaded: bool, url:
              f"{command}")
 
 
-# ----------------------------------------------------------------------------- SLURM
+# ------------------------------------------------------- launchers and SLURM checks
 
-def check_slurm_tasks(devices, num_nodes: int):
-    """Stop early if the script was started without srun in a job of several tasks,
-    or if the SLURM allocation cannot match --devices x --num-nodes. (Lightning checks
-    the second itself for DDP, but not for FSDP, where a mismatch hangs.)"""
-    ntasks = os.environ.get("SLURM_NTASKS")
-    if ntasks is None or os.environ.get("SLURM_JOB_NAME") in INTERACTIVE_JOB_NAMES:
+def launcher() -> str:
+    """Who starts the processes of a run:
+
+    - "torchrun": torchrun started this one and its siblings (in a SLURM job too);
+    - "slurm": srun started one process per task (a batch job, or srun with several
+      tasks in an interactive allocation);
+    - "lightning": this is the only process, and Lightning starts one per device
+      itself (a laptop, or a job named "bash" or "interactive" without such an srun).
+    """
+    if TorchElasticEnvironment.detect():
+        return "torchrun"
+    if "SLURM_NTASKS" not in os.environ:
+        return "lightning"
+    if os.environ.get("SLURM_JOB_NAME") in INTERACTIVE_JOB_NAMES:
+        # Lightning ignores SLURM in such a job, and then each of several tasks that
+        # srun started would start its own processes: runs on top of each other
+        # (Lightning issue #20776). One task, or no srun: Lightning's own processes.
+        several = "SLURM_STEP_ID" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1
+        return "slurm" if several else "lightning"
+    return "slurm"
+
+
+def tasks_on_each_node() -> list[int]:
+    """How many of this job step's tasks run on each of its nodes: SLURM writes
+    '2(x3)' for three nodes with two, or '3,1'."""
+    layout = (os.environ.get("SLURM_STEP_TASKS_PER_NODE")
+              or os.environ.get("SLURM_TASKS_PER_NODE", ""))
+    counts = []
+    for part in filter(None, layout.split(",")):
+        number, _, repeat = part.partition("(x")
+        counts += [int(number)] * int(repeat.rstrip(")") or 1)
+    return counts
+
+
+def stop(message: str):
+    """Exit with status 1; only the first process prints the message (all of them
+    would otherwise print the same line)."""
+    first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    sys.exit(message if first else 1)
+
+
+def check_launch(devices, num_nodes: int):
+    """Stop at once, with one line, when the processes that were started cannot form
+    the run that --devices x --num-nodes asks for: otherwise some wait for others that
+    never come, or train on top of each other. Lightning checks some of this itself,
+    but with a traceback, after the start, or not under FSDP."""
+    how, env = launcher(), os.environ
+    if how == "torchrun":
+        world, here = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+        if isinstance(devices, int) and (here != devices or world != devices * num_nodes):
+            stop(f"error: torchrun started {here} processes per node, {world} in all, "
+                     f"but --devices {devices} x --num-nodes {num_nodes} = "
+                     f"{devices * num_nodes}; give torchrun --nproc-per-node {devices} "
+                     f"--nnodes {num_nodes}")
         return
+    if how == "lightning":
+        # An allocation's shell may run on the login node, not on the job's nodes.
+        if "SLURM_JOB_ID" in env and "SLURMD_NODENAME" not in env:
+            stop(f"error: this shell holds SLURM job {env['SLURM_JOB_ID']} but runs "
+                     f"outside it, on {socket.gethostname()}; start the script on the "
+                     f"job's nodes with srun python ...")
+        return
+    ntasks = int(env["SLURM_NTASKS"])
     # srun gives every task it starts a step id; the job script itself has none. Run
     # without srun, only this one process starts, and it waits for the others until
     # the job's time runs out.
-    if int(ntasks) > 1 and "SLURM_STEP_ID" not in os.environ:
-        sys.exit(
-            f"error: this SLURM job has {ntasks} tasks but the script was not started "
-            f"by srun, so only one of them runs; start it with srun python ..., as "
-            f"the lesson's job templates do"
-        )
-    if isinstance(devices, int) and int(ntasks) != devices * num_nodes:
-        sys.exit(
-            f"error: SLURM started {ntasks} tasks but --devices {devices} x "
-            f"--num-nodes {num_nodes} = {devices * num_nodes}; set --ntasks-per-node "
-            f"to the devices per node and --nodes to the number of nodes"
-        )
+    if ntasks > 1 and "SLURM_STEP_ID" not in env:
+        stop(f"error: this SLURM job has {ntasks} tasks but the script was not "
+                 f"started by srun, so only one of them runs; start it with srun "
+                 f"python ..., as the lesson's job templates do")
+    if isinstance(devices, int) and ntasks != devices * num_nodes:
+        stop(f"error: SLURM started {ntasks} tasks but --devices {devices} x "
+                 f"--num-nodes {num_nodes} = {devices * num_nodes}; set "
+                 f"--ntasks-per-node to the devices per node and --nodes to the "
+                 f"number of nodes")
+    per_node, nodes = env.get("SLURM_NTASKS_PER_NODE"), int(env.get("SLURM_NNODES", 1))
+    if per_node and ntasks != int(per_node) * nodes:
+        # Lightning would take --ntasks-per-node for the truth (issue #20391).
+        stop(f"error: SLURM started {ntasks} tasks but the job asks for "
+                 f"--ntasks-per-node={per_node} on {nodes} node(s); ask for tasks "
+                 f"with --ntasks-per-node alone, and start them all: srun without -n")
+    layout = tasks_on_each_node()
+    if isinstance(devices, int) and any(n != devices for n in layout):
+        stop(f"error: SLURM placed {','.join(map(str, layout))} tasks on the "
+                 f"job's nodes but --devices {devices} needs {devices} on each; ask "
+                 f"for --ntasks-per-node={devices} instead of --ntasks")
+    if not per_node and layout:
+        # Lightning refuses a job of several tasks without --ntasks-per-node, as the
+        # tasks might be spread unevenly; they are not (checked above).
+        env["SLURM_NTASKS_PER_NODE"] = str(layout[0])
 
 
 class RequeueOnSignal(L.Callback):
@@ -217,6 +289,10 @@ class RequeueOnSignal(L.Callback):
         n = trainer.strategy.broadcast(1 + len(list(root.glob("hpc_ckpt_*.ckpt"))))
         path = root / f"hpc_ckpt_{n}.ckpt"
         trainer.save_checkpoint(path)  # every rank takes part (FSDP: its shard)
+        # The requeue ends this job step with SIGTERM to every process. Lightning's
+        # handler for it would wait for the other ranks, which may have left: the
+        # checkpoint is saved, so let SIGTERM pass while this rank leaves.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if trainer.is_global_zero:
             job = os.environ["SLURM_JOB_ID"]
             subprocess.run(["scontrol", "requeue", job], check=True)
@@ -228,15 +304,24 @@ class RequeueOnSignal(L.Callback):
 
 
 def cluster_callbacks() -> list:
-    """Under SLURM: RequeueOnSignal. Elsewhere none."""
-    return [RequeueOnSignal()] if SLURMEnvironment.detect() else []
+    """In a SLURM batch job (started by srun or torchrun): RequeueOnSignal. Elsewhere,
+    an interactive job included, none."""
+    batch_job = ("SLURM_JOB_ID" in os.environ
+                 and os.environ.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES)
+    return [RequeueOnSignal()] if batch_job and launcher() != "lightning" else []
 
 
 def cluster_plugins():
-    """Under SLURM: Lightning's SLURM environment with its own requeue handler off,
-    because RequeueOnSignal answers the signal (both would, otherwise). Elsewhere
-    None: Lightning's default."""
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    """Whose ranks the run uses. Started by srun: SLURM's, with Lightning's own requeue
+    handler off, because RequeueOnSignal answers the signal (both would, otherwise).
+    Started by torchrun: torchrun's, even inside a SLURM job (there is one task per
+    node, not per process). Elsewhere None: Lightning's default."""
+    how = launcher()
+    if how == "torchrun":
+        return [TorchElasticEnvironment()]
+    if how == "slurm":
+        return [SLURMEnvironment(auto_requeue=False)]
+    return None
 
 
 # ------------------------------------------------------------ checkpoints and resume

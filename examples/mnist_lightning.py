@@ -182,7 +182,7 @@ def main(argv=None):
         return
     cluster_tools.stop_if_data_unreachable("MNIST", args.data_dir,
                                            datamodule.is_downloaded(), MNIST.mirrors[0])
-    cluster_tools.check_slurm_tasks(args.devices, args.num_nodes)
+    cluster_tools.check_launch(args.devices, args.num_nodes)
 
     L.seed_everything(args.seed, workers=True)
     model = LitMLP(lr=args.lr)

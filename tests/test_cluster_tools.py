@@ -63,20 +63,114 @@ def test_good_shared_flags_become_numbers():
     assert (parse([]).devices, parse([]).num_workers) == ("auto", "auto")
 
 
-def test_several_slurm_tasks_without_srun_are_refused(monkeypatch):
-    # A job script's own shell has no step id; every task that srun starts has one.
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    monkeypatch.setenv("SLURM_JOB_NAME", "train")
-    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+@pytest.fixture
+def job(monkeypatch):
+    """A clean slate of launcher variables; returns a function that sets some."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "SLURMD_", "TORCHELASTIC_")) or name in (
+                "RANK", "LOCAL_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK"):
+            monkeypatch.delenv(name)
+
+    def set_env(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, str(value))
+    return set_env
+
+
+def stop_line(devices, num_nodes=1) -> str:
     with pytest.raises(SystemExit) as stopped:
-        cluster_tools.check_slurm_tasks(2, 1)  # the counts match: only the missing srun is wrong
-    assert str(stopped.value.code).startswith("error: this SLURM job has 2 tasks but the script was not "
-                                              "started by srun")
-    monkeypatch.setenv("SLURM_STEP_ID", "0")  # started by srun
-    cluster_tools.check_slurm_tasks(2, 1)
-    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task needs no srun
-    monkeypatch.delenv("SLURM_STEP_ID")
-    cluster_tools.check_slurm_tasks(1, 1)
+        cluster_tools.check_launch(devices, num_nodes)
+    return stopped.value.code
+
+
+def test_several_slurm_tasks_without_srun_are_refused(job):
+    # A job script's own shell has no step id; every task that srun starts has one.
+    job(SLURM_NTASKS=2, SLURM_JOB_NAME="train", SLURM_JOB_ID=7, SLURMD_NODENAME="n1")
+    # The counts match: only the missing srun is wrong.
+    assert stop_line(2).startswith("error: this SLURM job has 2 tasks but the script was not started by srun")
+    job(SLURM_STEP_ID=0)  # started by srun
+    cluster_tools.check_launch(2, 1)
+    job(SLURM_NTASKS=1)  # one task needs no srun
+    os.environ.pop("SLURM_STEP_ID")
+    cluster_tools.check_launch(1, 1)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "lightning"),  # a laptop
+        ({"SLURM_NTASKS": 2, "SLURM_JOB_NAME": "train"}, "slurm"),  # a batch job
+        # An interactive job: Lightning starts the processes of one task itself ...
+        ({"SLURM_NTASKS": 2, "SLURM_JOB_NAME": "interactive"}, "lightning"),
+        ({"SLURM_NTASKS": 1, "SLURM_JOB_NAME": "bash", "SLURM_STEP_ID": 0}, "lightning"),
+        # ... but srun started several: one process each (Lightning issue #20776).
+        ({"SLURM_NTASKS": 2, "SLURM_JOB_NAME": "interactive", "SLURM_STEP_ID": 0}, "slurm"),
+        # torchrun, in a SLURM job or not.
+        ({"TORCHELASTIC_RUN_ID": 5, "RANK": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1, "WORLD_SIZE": 2}, "torchrun"),
+        ({"TORCHELASTIC_RUN_ID": 5, "RANK": 1, "LOCAL_RANK": 0, "LOCAL_WORLD_SIZE": 1, "WORLD_SIZE": 2,
+          "SLURM_NTASKS": 2, "SLURM_JOB_NAME": "train", "SLURM_STEP_ID": 0}, "torchrun"),
+    ],
+    ids=["laptop", "batch", "interactive-shell", "srun-bash", "interactive-srun", "torchrun", "torchrun-in-slurm"],
+)
+def test_the_launcher_is_who_started_the_processes(job, env, expected):
+    job(**env)
+    assert cluster_tools.launcher() == expected
+
+
+def test_torchrun_inside_slurm_uses_torchruns_ranks_and_still_requeues(job, monkeypatch):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    # One task per node (torchrun's), two processes on each of two nodes.
+    job(SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=1, SLURM_JOB_NAME="train", SLURM_JOB_ID=9, SLURM_STEP_ID=0,
+        SLURM_CPUS_PER_TASK=8, TORCHELASTIC_RUN_ID=9, RANK=3, GROUP_RANK=1, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2, WORLD_SIZE=4)
+    cluster_tools.check_launch(2, 2)  # SLURM's 2 tasks are not compared with 2 x 2 processes
+    assert [type(p) for p in cluster_tools.cluster_plugins()] == [TorchElasticEnvironment]
+    assert [type(c) for c in cluster_tools.cluster_callbacks()] == [cluster_tools.RequeueOnSignal]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert cluster_tools.usable_cpus() == 4  # the task's 8 cores, shared by its 2 processes
+    assert stop_line(4, 2) == 1  # rank 3 stops quietly; rank 0 says why:
+    job(RANK=0)
+    assert stop_line(4, 2) == ("error: torchrun started 2 processes per node, 4 in all, but --devices 4 x "
+                               "--num-nodes 2 = 8; give torchrun --nproc-per-node 4 --nnodes 2")
+    # Without torchrun, the same job is SLURM's.
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        os.environ.pop(name)
+    assert [type(p) for p in cluster_tools.cluster_plugins()] == [SLURMEnvironment]
+
+
+def test_only_the_first_process_prints_the_stop_line(job):
+    job(SLURM_NTASKS=2, SLURM_JOB_NAME="train", SLURM_STEP_ID=0, SLURM_PROCID=1)
+    assert stop_line(1) == 1  # exit status 1, nothing printed: rank 0 says it
+    job(SLURM_PROCID=0)
+    assert stop_line(1).startswith("error: SLURM started 2 tasks but --devices 1")
+
+
+def test_task_layouts_that_lightning_would_misread_are_refused(job):
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    # Lightning issue #20391: one task in a job of --ntasks-per-node=2 (devices "auto").
+    job(SLURM_NTASKS=1, SLURM_NTASKS_PER_NODE=2, SLURM_NNODES=1, SLURM_JOB_NAME="train", SLURM_STEP_ID=0)
+    assert stop_line("auto") == ("error: SLURM started 1 tasks but the job asks for --ntasks-per-node=2 on 1 "
+                                 "node(s); ask for tasks with --ntasks-per-node alone, and start them all: "
+                                 "srun without -n")
+    # --ntasks alone: tasks spread 2 + 1 over two nodes.
+    os.environ.pop("SLURM_NTASKS_PER_NODE")
+    job(SLURM_NTASKS=3, SLURM_NNODES=2, SLURM_STEP_TASKS_PER_NODE="2,1")
+    assert stop_line(1, 3).startswith("error: SLURM placed 2,1 tasks on the job's nodes but --devices 1 needs 1")
+    # --ntasks alone, spread evenly: accepted, and Lightning, which would refuse it, is told
+    # the tasks per node.
+    job(SLURM_NTASKS=4, SLURM_STEP_TASKS_PER_NODE="2(x2)")
+    cluster_tools.check_launch(2, 2)
+    assert os.environ["SLURM_NTASKS_PER_NODE"] == "2"
+    SLURMEnvironment(auto_requeue=False)  # no "You set --ntasks=4 ... not supported"
+
+
+def test_python_in_an_allocations_shell_on_the_login_node_is_refused(job):
+    # salloc's shell runs where salloc was typed; slurmd sets SLURMD_NODENAME on the job's nodes.
+    job(SLURM_JOB_ID=12, SLURM_NTASKS=2, SLURM_JOB_NAME="interactive")
+    assert stop_line(2).startswith("error: this shell holds SLURM job 12 but runs outside it, on ")
+    job(SLURMD_NODENAME="n1")  # a shell on the job's node: Lightning starts the processes there
+    cluster_tools.check_launch(2, 1)
 
 
 def test_slurm_task_count_mismatch_is_refused_in_one_line(mnist_dir, tmp_path):
