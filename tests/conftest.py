@@ -159,3 +159,8 @@ def assert_offline_stop(module, script: str, dataset: str, tmp_path: Path, monke
     assert message.endswith(f"python {script} --data-dir {empty} --download-only")
     assert "Traceback" not in "".join(capsys.readouterr())
     assert not empty.exists()  # nothing was downloaded or started
+
+
+# The SLURM tests' fixtures: `cluster` (skips without the test cluster) and `job_env`.
+# Imported last: slurm_jobs.py imports the helpers above from this module.
+from slurm_jobs import cluster, job_env  # noqa: E402, F401

@@ -44,7 +44,9 @@ DOWNLOAD = re.compile(r"\{download\}`(?:[^`<]*<([^>`]+)>|([^`]+))`")
 MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)")
 INLINE_CODE = re.compile(r"`([^`]+)`")
 # python examples/x.py ..., python -u x.py ...; the script must be one of ours to be checked.
-PYTHON_COMMAND = re.compile(r"(?<![\w.-])python3?\s+(?:-u\s+)?((?:[\w./-]*/)?([\w-]+\.py))\b(.*)")
+PYTHON_COMMAND = re.compile(r"(?<![\w.-])python3?\s+(?:-u\s+)?((?:[\w./-]*/)?([\w-]+\.py))\b(.*)"
+                            # or torchrun [its own options] script.py: the script's flags follow it
+                            r"|(?<![\w.-])torchrun\s[^#]*?((?:[\w./-]*/)?([\w-]+\.py))\b(.*)")
 # sbatch [its own options] slurm/x.sbatch [words passed on to the script]
 SBATCH_COMMAND = re.compile(r"(?<![\w.-])sbatch\s[^#]*?((?:[\w./-]*/)?([\w.-]+\.sbatch))\b(.*)")
 SHELL_LANGUAGES = {"console", "bash", "shell", "sh"}
@@ -271,12 +273,19 @@ def shell_commands(root: Path):
             yield where(root, template, number), line
 
 
+def command(match: re.Match) -> tuple[str, str, str]:
+    """A PYTHON_COMMAND match as (the script as written, its file name, the words after it)."""
+    groups = match.groups()
+    return groups[:3] if groups[0] is not None else groups[3:]
+
+
 def template_script(template: Path) -> Path | None:
-    """The example script a job template starts (its python command)."""
-    text = template.read_text(encoding="utf-8") if template.is_file() else ""
-    for line in text.splitlines():
+    """The example script a job template starts (its python or torchrun command)."""
+    if not template.is_file():
+        return None
+    for _, line in logical_lines(template):
         if (m := PYTHON_COMMAND.search(line)) and not line.lstrip().startswith("#"):
-            return template.parent.parent / "examples" / m.group(2)
+            return template.parent.parent / "examples" / command(m)[1]
     return None
 
 
@@ -284,9 +293,10 @@ def unknown_flags(root: Path) -> list[str]:
     problems = []
     for place, line in shell_commands(root):
         if m := PYTHON_COMMAND.search(line):
-            script, rest = root / "examples" / m.group(2), m.group(3)
-            if "examples/" in m.group(1) and not script.is_file():
-                problems.append(f"{place}: {m.group(1)} does not exist")
+            written, name, rest = command(m)
+            script = root / "examples" / name
+            if "examples/" in written and not script.is_file():
+                problems.append(f"{place}: {written} does not exist")
                 continue
         elif m := SBATCH_COMMAND.search(line):
             # Words after the template's name are passed on to the script ("$@").

@@ -1,144 +1,20 @@
-"""The job templates in slurm/, submitted with the real sbatch to a real (throwaway) cluster.
-
-The cluster is two virtual nodes, n1 and n2, on this machine; start it as root with
-
-    .ci/slurm_cluster.sh start
-
-(.ci/run does that). Where sbatch is missing or no cluster answers, the tests that need one
-are skipped with the reason. The jobs train on the CPU and tiny data: the templates' GPU
-request is overridden on the sbatch command line (--gpus-per-node=0) and --accelerator cpu
-is appended to the script's flags, exactly as a user may override any template line.
+"""The job templates in slurm/, submitted with the real sbatch to a real (throwaway) cluster:
+see slurm_jobs.py for the cluster and the overrides. The recipes of the "Cluster recipes"
+page (a sweep, torchrun, interactive allocations) are in test_cluster_recipes.py.
 """
 
-import csv
 import math
 import os
 import re
 import shutil
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_CIFAR_TRAIN, TINY_MNIST_TRAIN, finished_steps, learner_environ, metrics_files
-
-TEMPLATES = sorted((REPO / "slurm").glob("*.sbatch"))
-GPU_TEMPLATES = [t for t in TEMPLATES if "--gpus-per-node=" in t.read_text()]
-CLUSTER_SCRIPT = REPO / ".ci" / "slurm_cluster.sh"
-
-# Templates ask for GPUs and many cores; on this 2-core machine each task gets one core.
-ON_TEST_CLUSTER = ("--gpus-per-node=0", "--cpus-per-task=1")
-RANK_LINE = re.compile(r"rank (\d+)/(\d+) \(local rank (\d+)\) on (\S+) uses (\S+)")
-
-
-def template(name: str) -> Path:
-    path = REPO / "slurm" / name
-    assert path.is_file(), f"no template {path}"
-    return path
-
-
-# ------------------------------------------------------------------------ the cluster
-
-def _cluster_problem() -> str | None:
-    """Why the SLURM tests cannot run here, or None when a cluster answers."""
-    if shutil.which("sbatch") is None:
-        return ("sbatch is not installed; to run these tests: apt-get install slurm-wlm munge, "
-                "then (as root) .ci/slurm_cluster.sh start")
-    try:
-        nodes = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N %t"],
-                               capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        return "sinfo got no answer within 30 s; start the test cluster: .ci/slurm_cluster.sh start"
-    if nodes.returncode != 0:
-        why = (nodes.stderr.strip().splitlines() or ["no message"])[-1][:200]
-        return f"no SLURM cluster answers (sinfo: {why}); start one: .ci/slurm_cluster.sh start"
-    ready = {line.split()[0] for line in nodes.stdout.splitlines() if line.split()[-1] in ("idle", "mix", "alloc")}
-    if not {"n1", "n2"} <= ready:
-        return f"the test nodes n1 and n2 are not both up (sinfo: {nodes.stdout.strip()!r})"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
-
-
-@pytest.fixture(scope="module")
-def job_env(tmp_path_factory) -> dict:
-    """The environment sbatch passes on to the job: `python` is the interpreter running the tests."""
-    bin_dir = tmp_path_factory.mktemp("bin")
-    wrapper = bin_dir / "python"
-    # A wrapper, not a symlink: a virtual environment is only found through its real path.
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-    wrapper.chmod(0o755)
-    env = {**learner_environ(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
-    for name in ("DATA_DIR", "STAGE_DATA", "LOCAL_DISK"):
-        env.pop(name, None)  # only what a test sets itself
-    return env
-
-
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def sbatch(tmp_path: Path, env: dict, name: str | Path, *script_args, opts=(), wait=True, timeout=150):
-    """Submit slurm/<name> (or a job script of the test's own, given as a Path) from the
-    repository root, as a user does; return (job id, job fields).
-
-    The job's log goes to tmp_path; opts are sbatch options, script_args go after the template.
-    With wait, poll until the job has ended. (`sbatch --wait` would do, but it checks after 2,
-    10, 42 and 170 s, which makes a 12-second job take 42.)
-    """
-    job_script = name if isinstance(name, Path) else template(name)
-    cmd = ["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", *opts, str(job_script),
-           *map(str, script_args)]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    match = re.match(r"(\d+)", result.stdout)
-    assert result.returncode == 0 and match, f"sbatch failed:\n{result.stdout}\n{result.stderr}"
-    job = match.group(1)
-    if wait:
-        try:
-            poll(f"job {job} to end", lambda: job_fields(job).get("JobState") in FINAL_STATES, timeout,
-                 job=job, logs=tmp_path)
-        finally:
-            subprocess.run(["scancel", job], capture_output=True, timeout=30)  # no-op once ended
-    return job, job_fields(job)
-
-
-def job_log(tmp_path: Path, job_id: str) -> str:
-    logs = list(tmp_path.glob(f"*-{job_id}.out"))
-    assert logs, f"no log of job {job_id} in {tmp_path}"
-    return logs[0].read_text(errors="replace")
-
-
-def job_fields(job_id: str) -> dict:
-    """scontrol's view of a job (no accounting is configured, so no sacct)."""
-    out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id],
-                         capture_output=True, text=True, timeout=30).stdout
-    return dict(field.split("=", 1) for field in out.split() if "=" in field)
-
-
-def poll(what: str, condition, timeout: float, interval: float = 0.5, job: str | None = None,
-         logs: Path | None = None):
-    """Wait until condition() is true; fail with `what` after timeout seconds, and with the
-    job's state and the end of its log when a job and its log folder are given."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            message = f"timed out after {timeout:.0f} s waiting for {what}"
-            if job:
-                fields = job_fields(job)
-                message += f"; job {job}: " + " ".join(f"{k}={fields.get(k)}" for k in
-                                                       ("JobState", "Reason", "RunTime", "NodeList"))
-            if job and logs and list(logs.glob(f"*-{job}.out")):
-                message += "\n" + job_log(logs, job)[-3000:]
-            pytest.fail(message)
-        time.sleep(interval)
-
+from conftest import REPO, TINY_CIFAR_TRAIN, TINY_MNIST_TRAIN, finished_steps
+from slurm_jobs import (CLUSTER_SCRIPT, GPU_TEMPLATES, ON_TEST_CLUSTER, RANK_LINE, TEMPLATES,
+                        assert_requeued_once_and_finished, job_fields, job_log, preempt_and_restart, sbatch)
 
 # ----------------------------------------------------------- static: no cluster needed
 
@@ -146,17 +22,21 @@ def test_there_is_one_template_per_mode():
     assert {t.name for t in TEMPLATES} == {
         "mnist-cpu-ddp.sbatch", "mnist-gpu.sbatch",
         "cifar10-ddp.sbatch", "cifar10-ddp-multinode.sbatch", "cifar10-fsdp.sbatch",
+        "mnist-sweep.sbatch", "cifar10-torchrun.sbatch",  # the cluster recipes
     }
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
 def test_template_has_the_lines_that_make_requeue_and_resources_work(path):
     text = path.read_text()
+    array = "#SBATCH --array=" in text
+    torchrun = "torchrun" in text.split("srun --kill-on-bad-exit", 1)[1].splitlines()[0]
     directives = re.findall(r"^#SBATCH (--[\w-]+)", text, flags=re.M)
     for option in ("--job-name", "--nodes", "--ntasks-per-node", "--cpus-per-task", "--mem", "--time",
                    "--output", "--open-mode", "--signal", "--requeue"):
         assert option in directives, f"{path.name}: no #SBATCH {option}"
-    assert "#SBATCH --output=%x-%j.out" in text
+    # Array tasks share the job id %j's array job id %A; each writes its own log (%a).
+    assert f"#SBATCH --output={'%x-%A_%a.out' if array else '%x-%j.out'}" in text
     assert "#SBATCH --open-mode=append" in text
     # No B: prefix: the signal must reach the Python processes, not the batch shell.
     assert re.search(r"^#SBATCH --signal=SIGUSR1@90\b", text, flags=re.M)
@@ -171,14 +51,25 @@ def test_template_has_the_lines_that_make_requeue_and_resources_work(path):
     assert text.index("set -eo pipefail") < text.index("# module load") < site_end
     assert site_end < text.index("\nset -u\n")
     assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text
-    assert "export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK" in text
+    # PyTorch's threads per process = that process's cores, never every core of the node.
+    threads = "$((SLURM_CPUS_PER_TASK / procs))" if torchrun else "$SLURM_CPUS_PER_TASK"
+    assert f"export OMP_NUM_THREADS={threads}" in text
     # The launch: srun, unbuffered Python, sizes from the allocation, resume, the user's flags.
     launch = text[text.index("srun --kill-on-bad-exit"):]
-    assert re.search(r"python -u examples/\w+\.py", launch)
-    for piece in ('--devices "$SLURM_NTASKS_PER_NODE"', '--num-nodes "$SLURM_JOB_NUM_NODES"',
+    if torchrun:  # one torchrun per node, one process per GPU
+        assert "export PYTHONUNBUFFERED=1" in text
+        assert re.search(r"--nproc-per-node \"\$procs\"(.|\n)*examples/\w+\.py", launch)
+        assert '--nnodes "$SLURM_JOB_NUM_NODES"' in launch
+        devices = '--devices "$procs"'
+    else:
+        assert re.search(r"python -u examples/\w+\.py", launch)
+        devices = '--devices "$SLURM_NTASKS_PER_NODE"'
+    for piece in (devices, '--num-nodes "$SLURM_JOB_NUM_NODES"',
                   "--resume", '--output-dir "$OUTPUT_DIR"', '"$@"'):
         assert piece in launch, f"{path.name}: the srun line lacks {piece}"
-    assert "$SLURM_JOB_ID" in text.split("OUTPUT_DIR=", 1)[1].splitlines()[0]
+    # Ids that survive a requeue: a requeued run finds its own checkpoints again.
+    output_dir = text.split("OUTPUT_DIR=", 1)[1].splitlines()[0]
+    assert ("$SLURM_ARRAY_JOB_ID" if array else "$SLURM_JOB_ID") in output_dir
 
 
 @pytest.mark.parametrize("path", TEMPLATES, ids=lambda p: p.name)
@@ -309,52 +200,6 @@ def test_script_started_without_srun_in_a_job_of_two_tasks_stops_with_one_clear_
     assert fields["JobState"] == "FAILED", log[-3000:]
     assert "error: this SLURM job has 2 tasks but the script was not started by srun" in log, log[-3000:]
     assert "Traceback" not in log
-
-
-def preempt_and_restart(job: str, tmp_path: Path, first_checkpoint: Path):
-    """Once the job has saved its first epoch, do what Slurm does 90 s before the time limit
-    (SIGUSR1 to every task), wait until the job has requeued itself, let it start again at
-    once, and wait until it ends."""
-    try:
-        # The first epoch's checkpoint: training is under way and the signal handlers are set.
-        poll("the first epoch's checkpoint", first_checkpoint.exists, timeout=90, job=job, logs=tmp_path)
-        assert job_fields(job)["JobState"] == "RUNNING"
-        subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
-        poll("the job to be requeued",
-             lambda: job_fields(job).get("Restarts") == "1" and job_fields(job)["JobState"] == "PENDING",
-             timeout=60, job=job, logs=tmp_path)
-        # A requeued job may not start for about two minutes; let it start now. Not in the same
-        # second as the requeue, though: slurmd refuses a launch whose credential is no newer
-        # than the revoked one of the first run ("Job credential revoked"), and the job fails.
-        requeued = time.time()
-        poll("two seconds after the requeue", lambda: time.time() > requeued + 2, timeout=10, interval=0.1)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
-        poll("the requeued job to finish",
-             lambda: job_fields(job)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
-             timeout=120, job=job, logs=tmp_path)
-    finally:
-        subprocess.run(["scancel", job], capture_output=True, timeout=30)
-
-
-def assert_requeued_once_and_finished(log: str, job: str, fields: dict, out: Path, planned: int):
-    """One requeue, one restart from its checkpoint, and exactly the planned steps in all."""
-    assert fields["JobState"] == "COMPLETED", log[-3000:]
-    assert fields["Restarts"] == "1"
-    # The first run saved a checkpoint and requeued the job itself; the second run, whose
-    # output was appended to the same log, restored that checkpoint.
-    assert (out / "hpc_ckpt_1.ckpt").exists()
-    # Printed once, by rank 0; the first run ends without a "finished after" line.
-    assert log.count(f"saved {out / 'hpc_ckpt_1.ckpt'} and requeued SLURM job {job}") == 1
-    assert log.count("finished after") == 1
-    assert f"Restoring states from the checkpoint path at {out / 'hpc_ckpt_1.ckpt'}" in log
-    assert finished_steps(log) == planned
-    # Two runs, two metrics files; the second one's steps carry on instead of restarting at 0.
-    versions = metrics_files(out)
-    assert [p.parent.name for p in versions] == ["version_0", "version_1"]
-    with open(versions[1], newline="") as f:
-        second_run_steps = [int(row["step"]) for row in csv.DictReader(f)]
-    assert second_run_steps and second_run_steps[0] > 0
-    assert second_run_steps == sorted(second_run_steps)
 
 
 def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluster, job_env, mnist_dir, tmp_path):
