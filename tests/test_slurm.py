@@ -208,7 +208,7 @@ def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluste
     # Each rank has DataLoader workers, as on a GPU: SLURM signals every process of the
     # job step, the workers too, and a worker that does not expect SIGUSR1 dies of it.
     out = tmp_path / "run"
-    epochs, batch = 20, 8
+    epochs, batch = 8, 8  # the signal comes after the first epoch: seven are left
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
     job, _ = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
                     "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
