@@ -23,6 +23,10 @@ TINY_MNIST_TRAIN = tiny_data.MNIST_TRAIN - tiny_data.MNIST_TRAIN // 12
 TINY_CIFAR_TRAIN = 5 * tiny_data.CIFAR_PER_BATCH - 5 * tiny_data.CIFAR_PER_BATCH // 10
 
 
+# Test files whose tests (one xdist group each) take longest in all: SLURM jobs, in order.
+LONGEST_GROUPS = ("test_slurm", "test_cluster_recipes")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: runs for more than a few seconds")
@@ -40,6 +44,10 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("xdist_group") is None:
             alone = item.path.stem == "test_gpu"
             item.add_marker(pytest.mark.xdist_group(item.name if alone else item.path.stem))
+    # The longest chains first: the SLURM files' tests run one after another for minutes, so
+    # they start at once, on two workers, and the short groups fill in around them instead
+    # of one worker finishing them alone at the end. (A stable sort: each file keeps its order.)
+    items.sort(key=lambda item: item.path.stem not in LONGEST_GROUPS)
     try:
         import torch
 
