@@ -4,8 +4,8 @@ An episode can hold at most BUDGET words of prose per minute that the schedule i
 content/index.md gives it: about what an instructor can teach in that time, with the
 exercises. Well-regarded hands-on lessons have a median near 41 words per minute.
 
-Prose is the text of the page's article, solutions and tables included, but not code
-blocks, inline code, or the "¶" of heading links. Run it on a built site to see every
+Prose is the text of the page's article: solutions, tables and inline code included, code
+blocks and the "¶" of heading links left out. Run it on a built site to see every
 episode's figure:
 
     python tests/prose.py _build/html

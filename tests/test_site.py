@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+import prose
+
 REPO = Path(__file__).resolve().parent.parent
 CONTENT = REPO / "content"
 
@@ -124,6 +126,33 @@ def test_schedule_adds_up():
             f"{doc.group(1)}.md says {total} min, the schedule in index.md says {minutes} min"
         )
     assert episodes > 5, "no episode rows found in the schedule"
+
+
+def test_every_episode_fits_its_time_slot(site):
+    """At most prose.BUDGET words of prose per minute that the schedule gives an episode, so
+    an instructor can teach it in its slot; what does not fit belongs on a reference page."""
+    result, outdir = site
+    assert result.returncode == 0, result.stderr[-5000:]
+    rows = prose.table(outdir, CONTENT / "index.md")
+    print("\n" + prose.report(rows))  # every episode's headroom, with pytest -s
+    assert len(rows) >= 8, f"the schedule names only {[r[0] for r in rows]}"
+    over = [f"{page}: {words} words in {minutes} min, {rate:.0f} per minute"
+            for page, minutes, words, rate in rows if rate > prose.BUDGET]
+    assert not over, f"over {prose.BUDGET} words of prose per minute:\n" + "\n".join(over)
+
+
+def test_prose_count_leaves_out_code_blocks_and_heading_links(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text(
+        '<div class="nav">Menu words here</div><div itemprop="articleBody">'
+        '<h1>Two words<a class="headerlink" href="#x">\u00b6</a></h1>'
+        '<div class="admonition solution"><p>Run <code>--max-epochs</code> don\'t stop.</p></div>'
+        '<div class="highlight"><pre><span>python train.py --lots of code words</span></pre></div>'
+        '<table><tr><td>one-GPU cell</td></tr></table></div><footer>Footer words</footer>',
+        encoding="utf-8")
+    # "Two words", "Run max-epochs don't stop", "one-GPU cell": nothing from the menu,
+    # the heading link, the code block or the footer.
+    assert prose.prose_words(page) == 2 + 4 + 2
 
 
 def test_code_on_pages_comes_from_tested_files():
