@@ -73,9 +73,10 @@ class MNISTDataModule(L.LightningDataModule):
         return True
 
     def prepare_data(self):
-        # Lightning calls this on one process per node, before setup(): the place to
-        # download. (Nodes that share a file system would each download: there, run
-        # --download-only on a login node first.)
+        # Lightning calls this on one process per node (local rank 0), before setup():
+        # the place to download. Nodes that share a file system would each download:
+        # there, set self.prepare_data_per_node = False in __init__ (global rank 0
+        # only), or run --download-only on a login node first.
         if self.is_downloaded():
             return
         try:
