@@ -98,7 +98,8 @@ class CIFAR10DataModule(L.LightningDataModule):
 
     def prepare_data(self):
         # Once per node, before setup(): torchvision downloads and checks the archive.
-        # (Nodes that share a file system: run --download-only on a login node first.)
+        # Nodes that share a file system: set self.prepare_data_per_node = False in
+        # __init__ (global rank 0 only), or run --download-only on a login node first.
         if self.is_downloaded():
             return
         try:
@@ -422,7 +423,8 @@ def parse_args(argv=None):
                             "has bfloat16, 16-mixed on older GPUs, 32-true on a CPU "
                             "(default: %(default)s)")
     model.add_argument("--grad-clip", type=float,
-                       help="clip the gradient norm to this value (default: off)")
+                       help="clip the gradient norm to this value (default: off; "
+                            "not with --strategy fsdp)")
     model.add_argument("--early-stop-patience", type=int,
                        help="stop after this many epochs without a better val_acc "
                             "(default: off)")
@@ -489,9 +491,11 @@ def parse_args(argv=None):
         for flag in (flag for flag, given in unsupported.items() if given):
             parser.error(f"{flag} does not work with --strategy fsdp2 in this script")
     if args.strategy == "fsdp" and args.grad_clip:
-        # Lightning 2.6 clips by norm through the precision plugin, which under FSDP
-        # raises at the first step: the norm needs every rank's shard.
-        parser.error("--grad-clip does not work with --strategy fsdp in Lightning 2.6")
+        # Lightning 2.6 clips by norm, and its FSDP1 precision plugin raises at the first
+        # step: that norm spans every rank's shard, and only FSDP's root module computes
+        # it. Under fsdp2 torch's clip_grad_norm_ takes the sharded (DTensor) gradients.
+        parser.error("--grad-clip clips the gradient norm, which Lightning 2.6 refuses "
+                     "under --strategy fsdp; use --strategy fsdp2")
     cluster_tools.check_flags(parser, args)
     return args
 
