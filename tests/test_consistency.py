@@ -4,8 +4,9 @@
 - every script and template is offered on some page (a download or an include);
 - every flag a page or a template passes to a script is one that script accepts;
 - every include that selects a part of a file (markers, :pyobject:) selects some code;
-- every measured number with a thousands separator on the performance page comes from a
-  result file the page shows (smaller numbers, such as seconds, are not checked);
+- every measured number with a thousands separator on the performance page and the benchmark
+  details page comes from a result file that one of them shows (smaller numbers, such as
+  seconds, are not checked);
 - highlights in listings name the text of their lines (:emphasize-containing:, which fails
   the build when a line loses it), never line numbers that silently drift;
 - no test file imports another test file (shared code lives in conftest.py or a helper);
@@ -318,19 +319,25 @@ def unknown_flags(root: Path) -> list[str]:
 
 # -------------------------------------------------------- the repository obeys
 
-# Numbers on the performance page that are not measurements: the training images of CIFAR-10,
+# Numbers on the benchmark's pages that are not measurements: the training images of CIFAR-10,
 # a batch size, and the ceiling worked out from FLOPs (3.3 GFLOP per image, ~800 TFLOP/s).
 NOT_MEASURED = {"45,000", "1,024", "240,000"}
 THOUSANDS = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?![\d,])")
+# The episode quotes the measurements; the reference page shows the result files they come from.
+BENCHMARK_PAGES = ("performance.md", "benchmark-details.md")
 
 
 def unsourced_numbers(root: Path) -> list[str]:
-    """Measured numbers written with a thousands separator (45,182) on the performance page
-    must come from the result files it shows."""
-    page = root / "content" / "performance.md"
-    tables = [resolve(root, page, target) for _, kind, target in references(root, page) if kind == "csv-table :file:"]
+    """Measured numbers written with a thousands separator (45,182) on the benchmark's pages
+    must come from the result files that these pages show."""
+    benchmark_pages = [root / "content" / name for name in BENCHMARK_PAGES]
+    tables = [resolve(root, page, target) for page in benchmark_pages for _, kind, target in references(root, page)
+              if kind == "csv-table :file:"]
+    if not tables:
+        return [f"none of {list(BENCHMARK_PAGES)} shows a result file (a csv-table with :file:)"]
     measured = {n for table in tables if table.is_file() for n in THOUSANDS.findall(table.read_text(encoding="utf-8"))}
-    return [f"{where(root, page, number)}: {value} is in none of the page's result files {[t.name for t in tables]}"
+    return [f"{where(root, page, number)}: {value} is in none of the result files {[t.name for t in tables]}"
+            for page in benchmark_pages
             for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1)
             for value in THOUSANDS.findall(line) if value not in measured | NOT_MEASURED]
 

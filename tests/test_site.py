@@ -60,7 +60,7 @@ def test_flags_outside_code_keep_their_two_hyphens(site):
     # The benchmark table's rows name flags in plain text; Sphinx's smart quotes would
     # turn "--compile" into "–compile", a flag that no script accepts.
     result, outdir = site
-    page = (outdir / "performance.html").read_text(encoding="utf-8")
+    page = (outdir / "benchmark-details.html").read_text(encoding="utf-8")
     assert "script path + --compile</td>" in page.replace("<p>", "").replace("</p>", "")
     assert "\u2013compile" not in page and "&#8211;compile" not in page
 
