@@ -155,6 +155,32 @@ def test_prose_count_leaves_out_code_blocks_and_heading_links(tmp_path):
     assert prose.prose_words(page) == 2 + 4 + 2
 
 
+def test_episodes_link_each_glossary_term_at_its_first_use(site):
+    """A learner who meets "gloo" or "rank" on any episode is one click from what it means,
+    except on the page that teaches it (the page its glossary entry names)."""
+    result, outdir = site
+    assert result.returncode == 0, result.stderr[-5000:]
+    terms = prose.glossary_terms(CONTENT / "glossary.md")
+    assert len(terms) > 30 and terms["gloo"] is None and terms["DDP"] == "ddp", terms
+    problems = [problem for page in prose.schedule(CONTENT / "index.md")
+                for problem in prose.unlinked_first_uses(outdir / f"{page}.html", terms)]
+    assert not problems, "\n".join(problems)
+
+
+def test_glossary_check_finds_an_unlinked_first_use(tmp_path):
+    terms = {"rank": None, "DDP": "ddp"}
+    body = ('<div itemprop="articleBody"><h1>Ranks</h1><div class="admonition questions"><p>What'
+            ' is a rank?</p></div><p>Each {} holds <code>rank</code> data, as in '
+            '<a href="ddp.html">the rank page</a>.</p><p>DDP and ranks.</p></div>')
+    page = tmp_path / "ddp.html"
+    page.write_text(body.format("rank"), encoding="utf-8")
+    assert prose.unlinked_first_uses(page, terms) == [
+        "ddp: 'rank' first used without a glossary link: ...Each rank holds..."]
+    # Linked at its first use; DDP is taught on this page (ddp.html), so it needs no link here.
+    page.write_text(body.format('<a href="glossary.html#term-rank">rank</a>'), encoding="utf-8")
+    assert prose.unlinked_first_uses(page, terms) == []
+
+
 def test_code_on_pages_comes_from_tested_files():
     """Pages show code only by including files from examples/ or slurm/ (which the tests
     run); a code block pasted into a page could drift from what was tested.
