@@ -49,7 +49,7 @@ SBATCH_TESTS = {
         "test_task_count_that_does_not_match_devices_stops_with_one_clear_line",
     "sbatch slurm/mnist-cpu-ddp.sbatch --max-epochs 1 --devices 1":
         "test_task_count_that_does_not_match_devices_stops_with_one_clear_line",
-    "sbatch slurm/mnist-cpu-ddp.sbatch --max-epochs 30 --batch-size 32":
+    "sbatch slurm/mnist-cpu-ddp.sbatch --max-epochs 10 --batch-size 32":
         "test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps",
 }
 NOT_RUN = {

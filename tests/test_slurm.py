@@ -131,15 +131,16 @@ def test_sbatch_accepts_template(cluster, path):
 def test_cpu_template_trains_with_two_ranks_on_one_node(cluster, job_env, mnist_dir, tmp_path):
     out = tmp_path / "run"
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
+    # Exercise 1's command, on the tiny data and with one core per task.
     job, fields = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
-                         "--max-epochs", 1, "--batch-size", 32, "--output-dir", out,
+                         "--max-epochs", 1, "--output-dir", out,
                          opts=["--cpus-per-task=1"])
     log = job_log(tmp_path, job)
     assert fields["JobState"] == "COMPLETED", log[-3000:]
     ranks = {m.groups() for m in RANK_LINE.finditer(log)}
     assert ranks == {("0", "2", "0", "n1", "cpu"), ("1", "2", "1", "n1", "cpu")}
-    # Each rank trains on its half of the data.
-    assert finished_steps(log) == math.ceil(TINY_MNIST_TRAIN / 2 / 32)
+    # Each rank trains on its half of the data, in batches of the default 128.
+    assert finished_steps(log) == math.ceil(TINY_MNIST_TRAIN / 2 / 128)
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -174,7 +175,7 @@ def test_gpu_template_runs_on_cpu_with_the_documented_overrides(
 def test_task_count_that_does_not_match_devices_stops_with_one_clear_line(
         cluster, job_env, mnist_dir, tmp_path, opts, script_args, expected):
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
-    job, fields = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch", *script_args,
+    job, fields = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch", "--max-epochs", 1, *script_args,
                          "--output-dir", tmp_path / "run", opts=["--cpus-per-task=1", *opts])
     log = job_log(tmp_path, job)
     assert fields["JobState"] == "FAILED"
@@ -205,10 +206,11 @@ def test_script_started_without_srun_in_a_job_of_two_tasks_stops_with_one_clear_
 def test_preempted_job_saves_requeues_and_finishes_with_the_planned_steps(cluster, job_env, mnist_dir, tmp_path):
     # Two DDP ranks, as the template asks for: the signal may reach them at different
     # moments, and the scripts' RequeueOnSignal makes them save together between steps.
-    # Each rank has DataLoader workers, as on a GPU: SLURM signals every process of the
-    # job step, the workers too, and a worker that does not expect SIGUSR1 dies of it.
+    # Exercise 3's command. Added here: each rank gets a DataLoader worker, as on a GPU:
+    # SLURM signals every process of the job step, the workers too, and a worker that
+    # does not expect SIGUSR1 dies of it.
     out = tmp_path / "run"
-    epochs, batch = 8, 8  # the signal comes after the first epoch: seven are left
+    epochs, batch = 10, 32  # the signal comes after the first epoch: nine are left
     env = {**job_env, "DATA_DIR": str(mnist_dir)}
     job, _ = sbatch(tmp_path, env, "mnist-cpu-ddp.sbatch",
                     "--max-epochs", epochs, "--batch-size", batch, "--output-dir", out,
