@@ -213,8 +213,8 @@ def check_accelerators(report: Report, torch) -> int:
     if mps is not None and mps.is_available():
         report.ok("Apple GPU (MPS): use --accelerator mps with the MNIST script")
     if not gpus:
-        report.note("PyTorch sees no CUDA GPU: fine for the CPU episodes; FSDP and the speed "
-                    "measurements need a GPU node")
+        report.note("PyTorch sees no CUDA GPU: fine for the CPU episodes; FSDP1 (--strategy fsdp) "
+                    "and the speed measurements need a GPU node")
     return gpus
 
 
@@ -266,12 +266,12 @@ def check_slurm(report: Report, torch_gpus: int):
               f"{gpus} GPU(s) per node, {cpus or 'no'} --cpus-per-task")
 
     if name in ("bash", "interactive"):
-        # Lightning's SLURMEnvironment.detect() is False for these names, so the task
-        # layout does not matter: `python script.py --devices N` starts N processes itself.
-        report.note(f"Lightning ignores SLURM in a job named {name!r}: python script.py --devices N "
-                    f"starts N processes on this node itself",
-                    "to use the job's tasks (several nodes, say), start srun python script.py ...: "
-                    "the lesson's scripts then take SLURM's ranks, as in a batch job")
+        # Lightning's SLURMEnvironment.detect() is False for these names: it would start
+        # the processes itself, where the script runs (on the login node, for some salloc).
+        report.note(f"Lightning ignores SLURM in a job named {name!r}; the lesson's scripts take "
+                    f"SLURM's ranks when srun starts one task per device",
+                    "start every run with srun python script.py ...; for scripts of your own, "
+                    "ask for the session with --job-name=lesson")
     elif gpus and tasks != gpus:
         report.problem(f"{tasks} task(s) per node but {gpus} GPU(s) per node: Lightning runs one task per GPU",
                        f"ask for --ntasks-per-node={gpus} and pass --devices {gpus}, "

@@ -103,8 +103,10 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
         parser.error(f"--accelerator {args.accelerator}: "
                      "PyTorch sees no GPU on this machine")
     if args.strategy == "fsdp" and uses_cpu(args.accelerator):
+        offered = parser._option_string_actions["--strategy"].choices
+        instead = "fsdp2 or ddp" if "fsdp2" in offered else "ddp"
         parser.error("--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); "
-                     "use --strategy ddp on CPU")
+                     f"use --strategy {instead} on CPU")
 
 
 # ------------------------------------------------------------------ CPUs and workers

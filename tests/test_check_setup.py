@@ -99,7 +99,8 @@ def test_slurm_job_named_interactive_gets_a_note_not_a_failure(monkeypatch, caps
            "SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "2"}
     code, out = check(monkeypatch, capsys, job, "--data-dir", data)
     assert "Lightning ignores SLURM in a job named 'interactive'" in out
-    assert "start srun python script.py ...: the lesson's scripts then take SLURM's ranks" in out
+    assert "start every run with srun python script.py ...; for scripts of your own" in out
+    assert "--job-name=lesson" in out
     # Without a GPU job layout to get wrong, nothing else is amiss (a GPU machine has no
     # SLURM_GPUS_* here, and one task per visible GPU is not required for this job name).
     assert code == 0, out

@@ -195,6 +195,8 @@ def cifar_script():
         (("--precision", "64-true"), "invalid choice: '64-true'"),
         (("--wrap-policy", "layer"), "invalid choice: 'layer'"),
         (("--strategy", "fsdp", "--min-params", "0"), "--min-params must be at least 1"),
+        # This script offers fsdp2, which runs on CPUs; the MNIST script suggests ddp alone.
+        (("--strategy", "fsdp", "--accelerator", "cpu"), "use --strategy fsdp2 or ddp on CPU"),
         (("--wrap-policy", "size"), "--wrap-policy only applies with --strategy fsdp"),
         (("--checkpoint-format", "sharded", "--strategy", "ddp"),
          "--checkpoint-format only applies with --strategy fsdp"),

@@ -66,7 +66,7 @@ def test_bad_flag_from_the_command_line_gives_one_line_and_no_traceback(mnist_di
     # One run as a learner types it; the other bad flags are checked in-process below.
     result = run_script("mnist_lightning.py", "--data-dir", mnist_dir, "--output-dir", tmp_path,
                         "--strategy", "fsdp", "--accelerator", "cpu")
-    assert_clean_error(result, "--strategy fsdp needs GPUs")
+    assert_clean_error(result, "--strategy fsdp needs GPUs (Lightning refuses FSDP on CPU); use --strategy ddp on CPU")
 
 
 @pytest.fixture(scope="module")
