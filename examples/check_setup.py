@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -221,20 +222,44 @@ def check_accelerators(report: Report, torch) -> int:
 # ----------------------------------------------------------------------- data
 
 def check_data(report: Report, data_dir: str):
+    """Are the files there, and do they read as the training scripts read them?"""
     report.section(f"Data (--data-dir {data_dir})")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        report.problem(f"{data_dir} is a file, not a folder",
+                       "pass the folder that holds (or will hold) the data: --data-dir PATH")
+        return
+    try:
+        import cluster_tools  # checks the files as the training scripts do
+    except Exception:  # not next to this file, or a package it needs is broken: reported above
+        cluster_tools = None
+        report.note("without cluster_tools.py only the data files' names are checked, not their contents")
     datasets = [
         ("MNIST", Path(data_dir, "MNIST", "raw"), MNIST_FILES, "mnist_lightning.py"),
         ("CIFAR-10", Path(data_dir, "cifar-10-batches-py"), CIFAR10_FILES, "cifar10_lightning.py"),
     ]
+    seen = set()
     for name, folder, files, script in datasets:
-        missing = [f for f in files if not (folder / f).is_file() or (folder / f).stat().st_size == 0]
-        if not missing:
+        download = ("on a machine with internet (your laptop, or a login node on a cluster) run: "
+                    + shlex.join(["python", os.path.relpath(HERE / script), "--data-dir", data_dir,
+                                  "--download-only"]))
+        if cluster_tools is not None:
+            missing, unreadable, corrupt = cluster_tools.data_file_problems(name, data_dir)
+        else:  # os.path's checks never raise: an unreadable folder is a missing one here
+            missing = [folder / f for f in files
+                       if not os.path.isfile(folder / f) or os.path.getsize(folder / f) == 0]
+            unreadable, corrupt = [], []
+        for problem in unreadable:
+            if problem not in seen:  # the data folder itself: once, not per data set
+                seen.add(problem)
+                report.problem(problem, "make it readable for you (ls -l shows who owns it), or pass another --data-dir")
+        for problem in corrupt:
+            report.problem(problem, f"delete it, then {download}")
+        if missing:
+            what = ("no such folder" if not os.path.isdir(folder)
+                    else "missing: " + ", ".join(path.name for path in missing))
+            report.problem(f"{name} is not in {folder} ({what})", download)
+        elif not unreadable and not corrupt:
             report.ok(f"{name} in {folder}")
-            continue
-        what = "no such folder" if not folder.is_dir() else "missing: " + ", ".join(missing)
-        report.problem(f"{name} is not in {folder} ({what})",
-                       f"on a machine with internet (your laptop, or a login node on a cluster) run: "
-                       f"python {os.path.relpath(HERE / script)} --data-dir {data_dir} --download-only")
 
 
 # ---------------------------------------------------------------------- SLURM

@@ -93,8 +93,11 @@ class CIFAR10DataModule(L.LightningDataModule):
         self.data_on_device = data_on_device  # None: yes on a GPU, no on a CPU
 
     def is_downloaded(self) -> bool:
-        names = ["test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]
-        return all((self.folder / name).exists() for name in names)
+        # False if a file is missing. One that is there but corrupt (a cut-off
+        # download) stops at once, with one line naming it and the command (this
+        # script's --download-only) that fixes it.
+        return cluster_tools.check_data_files("CIFAR-10", self.data_dir,
+                                              Path(__file__).name)
 
     def prepare_data(self):
         # Once per node, before setup(): torchvision downloads and checks the archive.
@@ -349,7 +352,7 @@ def main(argv=None):
     if not args.no_progress_bar:
         # Redrawn every 10 steps: a batch job's log file grows by a line at each redraw.
         callbacks.append(TQDMProgressBar(refresh_rate=10))
-    callbacks += cluster_tools.cluster_callbacks()  # under SLURM: requeue in time
+    callbacks += cluster_tools.cluster_callbacks()  # requeue in time; a SIGTERM fails
 
     trainer = L.Trainer(
         accelerator=args.accelerator,
@@ -368,14 +371,15 @@ def main(argv=None):
         logger=[CSVLogger(output_dir, name="logs"),
                 TensorBoardLogger(output_dir, name="tensorboard")],
         callbacks=callbacks,
-        plugins=cluster_tools.cluster_plugins(),  # under SLURM: no requeue by Lightning
+        plugins=cluster_tools.cluster_plugins(),  # whose ranks; checkpoints saved whole
     )
     if trainer.is_global_zero:
         print(f"effective batch size: {args.batch_size} per device x "
               f"{trainer.world_size} devices = {args.batch_size * trainer.world_size}",
               flush=True)
 
-    ckpt_path = cluster_tools.resume_checkpoint(trainer, output_dir, args.resume)
+    cluster_tools.claim_output_dir(trainer, output_dir)  # writable, and no other run in it
+    ckpt_path = cluster_tools.resume_checkpoint(trainer, model, output_dir, args.resume)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     # Read first: test() restores the callbacks' state from the checkpoint it loads.
     best, last = best_ckpt.best_model_path, last_ckpt.best_model_path

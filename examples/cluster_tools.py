@@ -4,7 +4,8 @@ by line.
 
 - the flags both scripts take, and one clear line for every impossible combination;
 - DataLoader workers that fit the CPUs a job was given;
-- a stop with the command that fixes it when data is missing on an offline machine;
+- a stop with the command that fixes it when data is missing on an offline machine,
+  or when a data file is there but unreadable or corrupt (before training starts);
 - who starts the processes (srun, torchrun or Lightning itself), and one clear line
   when their number cannot match --devices x --num-nodes;
 - saving and requeueing before a job's time limit (RequeueOnSignal), and --resume;
@@ -20,8 +21,11 @@ It needs only PyTorch and Lightning. The lesson's tests/test_cluster_tools.py te
 """
 
 import argparse
+import atexit
+import json
 import math
 import os
+import pickle
 import shlex
 import signal
 import socket
@@ -33,8 +37,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.plugins.environments import (SLURMEnvironment,
                                                     TorchElasticEnvironment)
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.distributed.tensor import DTensor
 
 # Lightning ignores SLURM in a job with one of these names: an interactive shell.
@@ -93,6 +99,16 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if hasattr(args, "lr") and not (args.lr > 0 and math.isfinite(args.lr)):
         parser.error(f"--lr must be positive and finite, not {args.lr}")
+    if args.fast_dev_run and args.resume:
+        # Resumed, a fast-dev-run trains nothing, or Lightning fails. The job templates
+        # always pass --resume: in a new job's empty --output-dir it resumes nothing.
+        out = getattr(args, "output_dir", None)
+        if out is None or any(Path(out).glob("hpc_ckpt_*.ckpt")) \
+                or any(Path(out).glob("checkpoints/*.ckpt")):
+            where = f" ({out} holds a run's checkpoints)" if out else ""
+            parser.error("--fast-dev-run runs one batch and saves no checkpoint; it "
+                         f"cannot be combined with --resume{where}: drop --resume"
+                         + (", or give another --output-dir" if out else ""))
     # Lightning starts the processes of one machine only; on several nodes something
     # else must start them everywhere, or rank 0 waits for ranks that never come.
     if (args.num_nodes > 1 and launcher() == "lightning"
@@ -148,16 +164,162 @@ def can_reach(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def download_command(data_dir: str, script: str | None = None) -> str:
+    """The command that downloads the data: the running script with --download-only,
+    as it was named on the command line; or the script called `script` next to it (a
+    data module's own script, when another one, such as mnist_cli.py, imported it)."""
+    if script is not None:
+        script = os.path.join(os.path.dirname(sys.argv[0]), script)
+    return shlex.join(["python", script or sys.argv[0], "--data-dir", data_dir,
+                       "--download-only"])
+
+
 def stop_if_data_unreachable(dataset: str, data_dir: str, downloaded: bool, url: str):
     """Data missing on a machine that cannot download it (a compute node): stop at
     once with the command that fixes it, rather than hang or fail in a download."""
     if downloaded or can_reach(url):
         return
-    command = shlex.join(["python", sys.argv[0], "--data-dir", data_dir,
-                          "--download-only"])
     sys.exit(f"error: {dataset} is not in {data_dir} and this machine cannot "
              f"download it; on a machine with internet (e.g. a login node) run: "
-             f"{command}")
+             f"{download_command(data_dir)}")
+
+
+# The files the scripts read, in the folder under --data-dir that torchvision makes.
+DATA_FILES = {
+    "MNIST": ("MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
+    "CIFAR-10": ("cifar-10-batches-py",
+                 [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+}
+
+
+def _looks_like(start: bytes) -> str | None:
+    """What a file that starts with these bytes is, where it is clearly not data."""
+    if not start:
+        return "it is empty"
+    if start.startswith(b"\x1f\x8b"):
+        return "it is gzip-compressed"
+    if start.lstrip().startswith(b"<"):
+        return "it is a web page (HTML)"
+    return None
+
+
+def _read_mnist_file(path: Path) -> tuple[int, str | None]:
+    """(the number of images or labels, what is wrong) for one of torchvision's
+    uncompressed MNIST files: an IDX header (a big-endian magic number 0x0803 for
+    images, 0x0801 for labels, then each dimension) that must match the file's size.
+    Reads only the header of an image file; the labels, to see they are 0 to 9."""
+    dims = 3 if "images" in path.name else 1
+    header = 4 + 4 * dims
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        start = f.read(header)
+        labels = f.read() if dims == 1 else b""
+    if (what := _looks_like(start)) or size < header:
+        return 0, what or f"{size} bytes, shorter than its header"
+    magic = int.from_bytes(start[:4], "big")
+    if magic != 0x0800 + dims:
+        return 0, f"magic number {magic:#06x}, not {0x0800 + dims:#06x}"
+    shape = [int.from_bytes(start[i:i + 4], "big") for i in range(4, header, 4)]
+    if shape[1:] not in ([], [28, 28]):
+        return 0, f"images of {shape[1]}x{shape[2]} pixels, not 28x28"
+    if size != (expected := header + math.prod(shape)):
+        return 0, f"{size:,} bytes where its header promises {expected:,}"
+    if labels and max(labels) > 9:
+        return 0, f"a label {max(labels)}, not 0 to 9"
+    return shape[0], None
+
+
+def _read_cifar10_batch(path: Path) -> tuple[int, str | None]:
+    """(the number of images, what is wrong) for one pickled CIFAR-10 batch: a dict
+    with 'data', an (N, 3072) uint8 array, and N 'labels' from 0 to 9."""
+    with open(path, "rb") as f:
+        if what := _looks_like(f.read(64)):
+            return 0, what
+        f.seek(0)
+        try:
+            batch = pickle.load(f, encoding="latin1")
+            data = batch["data"]
+            labels = torch.as_tensor(batch["labels"])
+        except OSError:
+            raise  # a read error: the file is unreadable, not corrupt
+        except Exception as err:  # unpickling garbage can raise almost anything
+            return 0, str(err).rstrip(".") or type(err).__name__
+    if str(getattr(data, "dtype", "")) != "uint8" or getattr(data, "ndim", 0) != 2 \
+            or data.shape[1] != 3 * 32 * 32:
+        return 0, "its 'data' is not an (N, 3072) array of uint8"
+    if labels.shape != (len(data),) or labels.is_floating_point() \
+            or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
+        return 0, f"its 'labels' are not {len(data)} classes from 0 to 9"
+    return len(data), None
+
+
+def data_file_problems(dataset: str,
+                       data_dir: str) -> tuple[list[Path], list[str], list[str]]:
+    """Check the files a script reads for `dataset` ("MNIST" or "CIFAR-10") in data_dir:
+    their structure and that it is consistent (the tiny data sets of tiny_data.py pass,
+    as the real ones do), not checksums. Returns three lists: the files that are
+    missing; one line for each that cannot be read ('cannot read PATH (Permission
+    denied)'); one line for each that is there but corrupt ('PATH is not a CIFAR-10
+    batch (truncated or corrupt: pickle data was truncated)').
+
+    It unpickles every CIFAR-10 batch: the real 180 MB take about 0.4 s once they are
+    in the page cache (longer the first time from a slow shared file system). Of MNIST
+    it reads the headers and the labels only, in milliseconds."""
+    subfolder, names = DATA_FILES[dataset]
+    folder = Path(data_dir, subfolder)
+    read, kind = ((_read_mnist_file, "an MNIST file") if dataset == "MNIST"
+                  else (_read_cifar10_batch, "a CIFAR-10 batch"))
+    try:
+        present = set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return [folder / name for name in names], [], []
+    except OSError as err:  # e.g. a folder this user may not list: name the outermost
+        parts = Path(subfolder).parts
+        chain = [Path(data_dir, *parts[:i]) for i in range(len(parts) + 1)]
+        blocked = next((p for p in chain if not os.access(p, os.R_OK | os.X_OK)), folder)
+        return [], [f"cannot read {blocked} ({err.strerror or err})"], []
+    missing, unreadable, corrupt, counts = [], [], [], {}
+    for path in (folder / name for name in names):
+        if path.name not in present:
+            missing.append(path)
+            continue
+        try:
+            counts[path.name], reason = read(path)
+        except FileNotFoundError:  # a link to nowhere
+            missing.append(path)
+            continue
+        except IsADirectoryError:
+            reason = "it is a folder"
+        except OSError as err:
+            unreadable.append(f"cannot read {path} ({err.strerror or err})")
+            continue
+        if reason:
+            corrupt.append(f"{path} is not {kind} (truncated or corrupt: {reason})")
+    for prefix in ("train", "t10k") if dataset == "MNIST" else ():
+        images = counts.get(f"{prefix}-images-idx3-ubyte")
+        labels = counts.get(f"{prefix}-labels-idx1-ubyte")
+        if images and labels and images != labels:
+            corrupt.append(f"{folder / f'{prefix}-labels-idx1-ubyte'} holds {labels:,} "
+                           f"labels for the {images:,} images of "
+                           f"{prefix}-images-idx3-ubyte")
+    return missing, unreadable, corrupt
+
+
+def check_data_files(dataset: str, data_dir: str, script: str | None = None) -> bool:
+    """True when every file a script reads for `dataset` is in data_dir and sound,
+    False when one is missing (download it). A file that is there but unreadable or
+    corrupt (a cut-off download, a web page saved in its place) stops the script at
+    once with one line naming it: before training, not when the test set is read
+    after the last epoch. It reads the files: see data_file_problems. `script`: as for
+    download_command."""
+    missing, unreadable, corrupt = data_file_problems(dataset, data_dir)
+    if unreadable:
+        stop(f"error: {unreadable[0]}; make it readable, or pass another --data-dir")
+    if corrupt:
+        stop(f"error: {corrupt[0]}; delete it and run: "
+             f"{download_command(data_dir, script)}")
+    return not missing
 
 
 # ------------------------------------------------------- launchers and SLURM checks
@@ -295,35 +457,85 @@ class RequeueOnSignal(L.Callback):
         # handler for it would wait for the other ranks, which may have left: the
         # checkpoint is saved, so let SIGTERM pass while this rank leaves.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        failed = None
         if trainer.is_global_zero:
             job = os.environ["SLURM_JOB_ID"]
-            subprocess.run(["scontrol", "requeue", job], check=True)
-            print(f"saved {path} and requeued SLURM job {job}", flush=True)
+            if reason := self.requeue(job):
+                failed = (f"error: saved {path}, but scontrol requeue {job} failed "
+                          f"({reason}); submit the job again with --resume "
+                          f"--output-dir {shlex.quote(str(root))} to continue from it")
+            else:
+                print(f"saved {path} and requeued SLURM job {job}", flush=True)
         # Leave at once, on every rank: a stop through Lightning would first
         # validate the half epoch, which only delays the requeue (and writes
-        # another checkpoint).
+        # another checkpoint). If the requeue failed, all ranks exit with status 1.
+        if failed := trainer.strategy.broadcast(failed):
+            stop(failed)
         raise SystemExit(0)
+
+    @staticmethod
+    def requeue(job: str):
+        """Ask SLURM to requeue the job: None if it did, else why not."""
+        try:
+            subprocess.run(["scontrol", "requeue", job], check=True,
+                           capture_output=True, text=True)
+        except FileNotFoundError:
+            return "scontrol: command not found"
+        except subprocess.CalledProcessError as err:
+            said = err.stderr.strip().splitlines()
+            return said[-1] if said else f"exit status {err.returncode}"
+        except OSError as err:
+            return err.strerror or str(err)
+        return None
 
 
 def cluster_callbacks() -> list:
-    """In a SLURM batch job (started by srun or torchrun): RequeueOnSignal. Elsewhere,
-    an interactive job included, none."""
+    """SIGTERMExitCode, in every run; in a SLURM batch job (started by srun or torchrun)
+    RequeueOnSignal too, but not in an interactive job."""
     batch_job = ("SLURM_JOB_ID" in os.environ
                  and os.environ.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES)
-    return [RequeueOnSignal()] if batch_job and launcher() != "lightning" else []
+    requeue = [RequeueOnSignal()] if batch_job and launcher() != "lightning" else []
+    return [*requeue, SIGTERMExitCode()]
 
 
-def cluster_plugins():
-    """Whose ranks the run uses. Started by srun: SLURM's, with Lightning's own requeue
-    handler off, because RequeueOnSignal answers the signal (both would, otherwise).
-    Started by torchrun: torchrun's, even inside a SLURM job (there is one task per
-    node, not per process). Elsewhere None: Lightning's default."""
+class SIGTERMExitCode(L.Callback):
+    """A run stopped by SIGTERM (scancel, a time limit without a requeue, a preemption)
+    exits with status 143, as a process that SIGTERM kills does, and rank 0 says how to
+    continue: `python ... && next_step` must not go on as if training had finished.
+
+    Lightning stops between two steps and raises SIGTERMException on every rank: a
+    SystemExit without a status, which exits with 0 (Lightning issue #19916; pull
+    request #21623 gives it 143). Lightning calls on_exception before it raises the
+    exception again: here it gets its status. (After RequeueOnSignal's requeue SIGTERM
+    is ignored, and every rank leaves with status 0.)
+    """
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, SIGTERMException):
+            return
+        exception.code = 128 + signal.SIGTERM
+        if trainer.is_global_zero:
+            print("error: SIGTERM stopped the run before it finished; to continue from its "
+                  "last checkpoint (saved after each validation), run it again with "
+                  f"--resume --output-dir {shlex.quote(str(trainer.default_root_dir))}",
+                  file=sys.stderr, flush=True)
+
+
+def cluster_plugins() -> list:
+    """Whose ranks the run uses, and how checkpoints are written.
+
+    Started by srun: SLURM's ranks, with Lightning's own requeue handler off, because
+    RequeueOnSignal answers the signal (both would, otherwise). Started by torchrun:
+    torchrun's, even inside a SLURM job (there is one task per node, not per process).
+    Elsewhere Lightning's default. Always WholeCheckpointIO: a failed save leaves the
+    previous checkpoint whole.
+    """
     how = launcher()
     if how == "torchrun":
-        return [TorchElasticEnvironment()]
+        return [TorchElasticEnvironment(), WholeCheckpointIO()]
     if how == "slurm":
-        return [SLURMEnvironment(auto_requeue=False)]
-    return None
+        return [SLURMEnvironment(auto_requeue=False), WholeCheckpointIO()]
+    return [WholeCheckpointIO()]
 
 
 # ------------------------------------------------------------ checkpoints and resume
@@ -343,19 +555,143 @@ def checkpoint_callbacks(output_dir: Path) -> tuple[ModelCheckpoint, ModelCheckp
     return best, last
 
 
-def find_resume_checkpoint(output_dir: Path):
-    """The newest checkpoint in output_dir, for --resume; None if there is none.
+class WholeCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint file next to its target and renames it into place, so a
+    full disk, a quota or a kill during a save leaves the previous checkpoint whole.
 
-    checkpoints/last.ckpt is written after each validation, hpc_ckpt_N.ckpt when a
-    SLURM job was requeued: after a requeue the second is newer, after a finished
-    epoch the first.
+    Lightning 2.6 writes into a temporary file in /tmp and moves it over the target:
+    across file systems that move is a copy, which a full disk cuts short, leaving a
+    truncated last.ckpt; and it ignores a PermissionError, so nothing is saved and
+    nothing said. Here a failed save stops the run with one line.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        part = path.with_name(f".{path.name}.{os.getpid()}.part")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(part, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, path)  # atomic within one file system
+        except OSError as err:
+            part.unlink(missing_ok=True)
+            sys.exit(f"error: saving {path} failed ({err.strerror or err}); the checkpoints "
+                     f"saved before are kept: make room, then continue with --resume")
+
+
+def claim_output_dir(trainer: L.Trainer, output_dir: Path):
+    """Before training: stop at once if checkpoints cannot be written to output_dir, or
+    if another run is using it (two runs would overwrite each other's last.ckpt).
+
+    Rank 0 claims the folder with output_dir/run.lock, which names its host, process and
+    SLURM job, and goes when the run ends. Every rank checks the lock, so all stop
+    together. A lock left by a killed run is taken over: its process is gone (same
+    host), or its SLURM job is this one (a requeue) or has ended. A fast-dev-run saves
+    nothing, and claims nothing.
+    """
+    if trainer.fast_dev_run:
+        return
+    folder = output_dir / "checkpoints"
+    probe = folder / f".write-test.{socket.gethostname()}.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = "a file is in the way" if isinstance(err, FileExistsError) else err.strerror
+        stop(f"error: cannot write checkpoints to {folder} ({reason or err}); "
+             f"choose another --output-dir")
+    lock = output_dir / "run.lock"
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "parent": os.getppid(),
+          "slurm_job": os.environ.get("SLURM_JOB_ID"),
+          "torchrun": os.environ.get("TORCHELASTIC_RUN_ID"), "command": shlex.join(sys.argv)}
+    other = read_lock(lock)
+    if other is not None and not same_run(other, me) and still_running(other, me):
+        job = f", SLURM job {other['slurm_job']}" if other.get("slurm_job") else ""
+        stop(f"error: {output_dir} is in use by another run (process {other.get('pid')} on "
+             f"{other.get('host')}{job}: {other.get('command', '?')}); give this run another "
+             f"--output-dir, or delete {lock} if that run has ended")
+    if trainer.is_global_zero:
+        lock.unlink(missing_ok=True)  # none, this run's own, or one left by a run now gone
+        lock.write_text(json.dumps(me))
+        atexit.register(release_lock, lock, me)
+
+
+def read_lock(lock: Path) -> dict | None:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None  # no lock, or one half written by a run that was killed
+
+
+def same_run(other: dict, me: dict) -> bool:
+    """Did this run write the lock: this process (main() run again), the process that
+    started this one (Lightning's launcher), or another rank of this SLURM job or
+    torchrun? (A requeued job restarts with its job id.)"""
+    if other.get("host") == me["host"] and other.get("pid") in (me["pid"], me["parent"]):
+        return True
+    return any(other.get(key) and other.get(key) == me[key] and other[key] != "none"
+               for key in ("slurm_job", "torchrun"))
+
+
+def still_running(other: dict, me: dict) -> bool:
+    """Is the run that wrote the lock still running? When that cannot be told: yes."""
+    if other.get("host") == me["host"] and isinstance(other.get("pid"), int):
+        try:
+            os.kill(other["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # another user's process
+        return True
+    if other.get("slurm_job"):
+        try:
+            state = subprocess.run(["squeue", "-h", "-j", str(other["slurm_job"]), "-o", "%T"],
+                                   capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return True
+        # squeue fails, or prints nothing, for a job that has ended.
+        return state.returncode == 0 and bool(state.stdout.strip())
+    return True
+
+
+def release_lock(lock: Path, me: dict):
+    if read_lock(lock) == me:
+        lock.unlink(missing_ok=True)
+
+
+def find_resume_checkpoint(output_dir: Path) -> tuple[str | None, list[str]]:
+    """The checkpoint --resume continues from, and those passed over as unreadable.
+
+    Of last.ckpt (written after each validation), hpc_ckpt_N.ckpt (written when a
+    SLURM job is warned) and the best checkpoint, the one with the highest step: file
+    times mislead after a copy, or when a stale hpc_ckpt file lies next to a finished
+    run. A checkpoint that cannot be read, such as a save cut short, is passed over.
     """
     candidates = [output_dir / "checkpoints" / "last.ckpt",
-                  *output_dir.glob("hpc_ckpt_*.ckpt")]
-    found = [p for p in candidates if p.exists()]
-    if not found:
+                  *output_dir.glob("hpc_ckpt_*.ckpt"),
+                  *(output_dir / "checkpoints").glob("best-*.ckpt")]
+    found, unreadable = [], []
+    for path in filter(Path.exists, candidates):
+        saved = saved_state(path)
+        if saved is None or "global_step" not in saved:
+            unreadable.append(str(path))
+        else:
+            found.append((saved["global_step"], saved_at(path), str(path)))
+    return (max(found)[2] if found else None), unreadable
+
+
+def saved_state(checkpoint: Path) -> dict | None:
+    """A checkpoint's counters and hyperparameters, without its tensors; None if it
+    cannot be read. A sharded checkpoint is a folder; its meta.pt holds them."""
+    try:
+        if checkpoint.is_dir():
+            return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=False)
+        return torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # truncated, corrupt, or not a checkpoint at all
         return None
-    return str(max(found, key=saved_at))
 
 
 def saved_at(checkpoint: Path) -> float:
@@ -365,15 +701,38 @@ def saved_at(checkpoint: Path) -> float:
     return max(f.stat().st_mtime for f in files)
 
 
-def resume_checkpoint(trainer: L.Trainer, output_dir: Path, resume: bool):
-    """The ckpt_path for trainer.fit: with --resume the newest checkpoint in output_dir
-    (if there is one), else None: a fresh start."""
+def resume_checkpoint(trainer: L.Trainer, model: L.LightningModule, output_dir: Path,
+                      resume: bool):
+    """The ckpt_path for trainer.fit: with --resume the checkpoint furthest on in
+    output_dir (if there is one), else None: a fresh start.
+
+    A resumed run continues the checkpoint's model and optimizer, so it stops if the
+    model's hyperparameters (--lr, --model, ...) differ from the checkpoint's: the new
+    values would be recorded but not used.
+    """
     if not resume:
         return None
-    path = find_resume_checkpoint(output_dir)
-    if path is None and trainer.is_global_zero:
-        print(f"--resume: no checkpoint in {output_dir}, starting from scratch")
+    path, unreadable = find_resume_checkpoint(output_dir)
+    for bad in unreadable:
+        if trainer.is_global_zero:
+            print(f"--resume: passing over {bad}: it cannot be read (a save cut short?)")
+    if path is None:
+        if trainer.is_global_zero:
+            print(f"--resume: no checkpoint in {output_dir}, starting from scratch")
+        return None
+    saved = saved_state(Path(path)).get("hyper_parameters", {})
+    changed = [name for name, value in model.hparams.items()
+               if name in saved and saved[name] != value]
+    if changed:
+        stop(f"error: {path} was trained with {as_flags(saved, changed)}, this run asks "
+             f"for {as_flags(model.hparams, changed)}; a resumed run keeps the checkpoint's "
+             f"model and optimizer: drop those flags, or start a new run in another "
+             f"--output-dir")
     return path
+
+
+def as_flags(values, names) -> str:
+    return " ".join(f"--{name.replace('_', '-')} {values[name]}" for name in names)
 
 
 # ----------------------------------------------------------------- what a run prints

@@ -65,12 +65,11 @@ class MNISTDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     def is_downloaded(self) -> bool:
-        try:
-            MNIST(self.data_dir, train=True)
-            MNIST(self.data_dir, train=False)
-        except RuntimeError:  # torchvision's "Dataset not found"
-            return False
-        return True
+        # False if a file is missing. One that is there but corrupt (a cut-off
+        # download) stops at once, with one line naming it and the command (this
+        # script's --download-only) that fixes it.
+        return cluster_tools.check_data_files("MNIST", self.data_dir,
+                                              Path(__file__).name)
 
     def prepare_data(self):
         # Lightning calls this on one process per node (local rank 0), before setup():
@@ -208,10 +207,12 @@ def main(argv=None):
         logger=CSVLogger(output_dir, name="logs"),
         enable_progress_bar=not args.no_progress_bar,
         callbacks=callbacks,
-        plugins=cluster_tools.cluster_plugins(),  # under SLURM: no requeue by Lightning
+        plugins=cluster_tools.cluster_plugins(),  # whose ranks; checkpoints saved whole
     )
-    # With --resume: the newest checkpoint in output_dir, if any; else a fresh start.
-    ckpt_path = cluster_tools.resume_checkpoint(trainer, output_dir, args.resume)
+    # Checkpoints can be written, and no other run uses output_dir: or stop now.
+    cluster_tools.claim_output_dir(trainer, output_dir)
+    # --resume: the checkpoint furthest on in output_dir, if any; else a fresh start.
+    ckpt_path = cluster_tools.resume_checkpoint(trainer, model, output_dir, args.resume)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     # Test the best weights seen in validation (a fast-dev-run saves none). Both paths
     # are read first: test() restores the callbacks' state from the checkpoint it loads.

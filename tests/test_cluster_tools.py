@@ -124,8 +124,10 @@ def test_torchrun_inside_slurm_uses_torchruns_ranks_and_still_requeues(job, monk
     job(SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=1, SLURM_JOB_NAME="train", SLURM_JOB_ID=9, SLURM_STEP_ID=0,
         SLURM_CPUS_PER_TASK=8, TORCHELASTIC_RUN_ID=9, RANK=3, GROUP_RANK=1, LOCAL_RANK=1, LOCAL_WORLD_SIZE=2, WORLD_SIZE=4)
     cluster_tools.check_launch(2, 2)  # SLURM's 2 tasks are not compared with 2 x 2 processes
-    assert [type(p) for p in cluster_tools.cluster_plugins()] == [TorchElasticEnvironment]
-    assert [type(c) for c in cluster_tools.cluster_callbacks()] == [cluster_tools.RequeueOnSignal]
+    assert [type(p) for p in cluster_tools.cluster_plugins()] == [TorchElasticEnvironment,
+                                                                  cluster_tools.WholeCheckpointIO]
+    assert [type(c) for c in cluster_tools.cluster_callbacks()] == [cluster_tools.RequeueOnSignal,
+                                                                    cluster_tools.SIGTERMExitCode]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert cluster_tools.usable_cpus() == 4  # the task's 8 cores, shared by its 2 processes
     assert stop_line(4, 2) == 1  # rank 3 stops quietly; rank 0 says why:
@@ -135,7 +137,7 @@ def test_torchrun_inside_slurm_uses_torchruns_ranks_and_still_requeues(job, monk
     # Without torchrun, the same job is SLURM's.
     for name in ("TORCHELASTIC_RUN_ID", "RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         os.environ.pop(name)
-    assert [type(p) for p in cluster_tools.cluster_plugins()] == [SLURMEnvironment]
+    assert [type(p) for p in cluster_tools.cluster_plugins()] == [SLURMEnvironment, cluster_tools.WholeCheckpointIO]
 
 
 def test_only_the_first_process_prints_the_stop_line(job):
@@ -236,6 +238,19 @@ def test_last_checkpoint_records_the_best_checkpoint_of_its_own_epoch(mnist_dir,
     assert f"checkpoints: {best_file} (best), {out / 'checkpoints' / 'last.ckpt'} (latest)" in result.stdout
 
 
+def warn_at_step(monkeypatch, step: int):
+    """RequeueOnSignal sends this process SLURM's warning (SIGUSR1, shortly before the time
+    limit) once, at the end of the given step, just before it checks for one."""
+    check = cluster_tools.RequeueOnSignal.on_train_batch_end
+
+    def warned_then_check(self, trainer, *args):
+        if trainer.global_step == step and not self.signalled:
+            signal.raise_signal(signal.SIGUSR1)
+        return check(self, trainer, *args)
+
+    monkeypatch.setattr(cluster_tools.RequeueOnSignal, "on_train_batch_end", warned_then_check)
+
+
 def test_requeue_signal_near_an_epochs_end_waits_for_its_validation(mnist_dir, tmp_path, monkeypatch):
     # Five steps per epoch (the tiny MNIST at batch 128, the last batch smaller), so the
     # callback's check every tenth step falls on the last step of epoch 1. A checkpoint saved
@@ -250,14 +265,7 @@ def test_requeue_signal_near_an_epochs_end_waits_for_its_validation(mnist_dir, t
     requeues, run = [], subprocess.run
     monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k:
                         requeues.append(cmd) if cmd[0] == "scontrol" else run(cmd, *a, **k))
-    check = cluster_tools.RequeueOnSignal.on_train_batch_end
-
-    def signal_in_the_first_step_of_epoch_1(self, trainer, *args):
-        if trainer.global_step == 6 and not self.signalled:
-            signal.raise_signal(signal.SIGUSR1)  # what SLURM sends before the time limit
-        return check(self, trainer, *args)
-
-    monkeypatch.setattr(cluster_tools.RequeueOnSignal, "on_train_batch_end", signal_in_the_first_step_of_epoch_1)
+    warn_at_step(monkeypatch, 6)  # the first step of epoch 1
     args = ["--data-dir", str(mnist_dir), "--output-dir", str(out), *CPU, "--no-progress-bar",
             "--num-workers", "0", "--max-epochs", "3", "--batch-size", "128"]
     handler = signal.getsignal(signal.SIGUSR1)
@@ -283,3 +291,99 @@ def test_the_module_needs_no_lesson_script(tmp_path):
                           env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(tmp_path / "cluster_tools.py")
+
+
+def test_a_run_stopped_by_sigterm_fails_with_one_line_that_says_how_to_continue(mnist_dir, tmp_path, monkeypatch,
+                                                                               capsys):
+    # scancel, or a time limit without a requeue, sends SIGTERM; Lightning stops between steps with
+    # an exception that would exit with status 0, and `python ... && next_step` would carry on.
+    import lightning as L
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class SIGTERMAtStep2(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                signal.raise_signal(signal.SIGTERM)
+
+    script = load_example("mnist_lightning")
+    out = tmp_path / "my run"
+    callbacks = cluster_tools.cluster_callbacks
+    monkeypatch.setattr(cluster_tools, "cluster_callbacks", lambda: [*callbacks(), SIGTERMAtStep2()])
+    # Lightning's handler takes the signal during fit; should it not, this one keeps pytest alive.
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            script.main(["--data-dir", str(mnist_dir), "--output-dir", str(out), *CPU, "--no-progress-bar",
+                         "--num-workers", "0", "--batch-size", "128"])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert stopped.value.code == 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+    output = capsys.readouterr()
+    errors = [line for line in output.err.splitlines() if "error:" in line]
+    assert errors == ["error: SIGTERM stopped the run before it finished; to continue from its last checkpoint "
+                      f"(saved after each validation), run it again with --resume --output-dir '{out}'"]
+    assert "Traceback" not in output.err + output.out
+    # Under DDP every rank gets the exception and exits 143; only rank 0 prints the line.
+    exception = SIGTERMException()
+    cluster_tools.SIGTERMExitCode().on_exception(SimpleNamespace(is_global_zero=False, default_root_dir=out),
+                                                 None, exception)
+    assert exception.code == 143 and capsys.readouterr().err == ""
+
+
+def test_a_failed_requeue_names_the_saved_checkpoint_in_one_line(tmp_path, monkeypatch):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    # A cluster that refuses the requeue (a job without --requeue), as its scontrol says it.
+    refusing = tmp_path / "bin"
+    refusing.mkdir()
+    (refusing / "scontrol").write_text('#!/bin/sh\necho "Requested operation is presently disabled '
+                                       'for job $2" >&2\nexit 1\n')
+    (refusing / "scontrol").chmod(0o755)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    warn_at_step(monkeypatch, 2)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        for path, reason in [(refusing, "Requested operation is presently disabled for job 4242"),
+                             (tmp_path / "no-slurm", "scontrol: command not found")]:
+            monkeypatch.setenv("PATH", str(path))
+            out = tmp_path / path.name / "my run"
+            trainer = L.Trainer(default_root_dir=out, accelerator="cpu", max_steps=5, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                callbacks=[cluster_tools.RequeueOnSignal(check_every_n_steps=1)])
+            with pytest.raises(SystemExit) as stopped:
+                trainer.fit(BoringModel())
+            # A string: Python prints it as one line, no traceback, and exits with status 1.
+            assert stopped.value.code == (f"error: saved {out / 'hpc_ckpt_1.ckpt'}, but scontrol requeue 4242 "
+                                          f"failed ({reason}); submit the job again with --resume --output-dir "
+                                          f"'{out}' to continue from it")
+            assert torch.load(out / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 2
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_fast_dev_run_cannot_resume_a_run(tmp_path, capsys):
+    # One batch, no checkpoint: resumed, it would train nothing, or fail inside Lightning.
+    def parse_with_output_dir(*flags):
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--output-dir")
+        cluster_tools.add_shared_flags(parser)
+        args = parser.parse_args(["--output-dir", str(tmp_path / "my run"), *flags])
+        cluster_tools.check_flags(parser, args)
+        return args
+
+    # A job template always adds --resume; a new job's --output-dir holds nothing to resume.
+    assert parse_with_output_dir("--fast-dev-run", "--resume").fast_dev_run
+    (tmp_path / "my run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "my run" / "checkpoints" / "last.ckpt").touch()
+    with pytest.raises(SystemExit) as stopped:
+        parse_with_output_dir("--fast-dev-run", "--resume")
+    assert stopped.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"error: --fast-dev-run runs one batch and saves no checkpoint; it cannot be combined with --resume "
+        f"({tmp_path / 'my run'} holds a run's checkpoints): drop --resume, or give another --output-dir")
+    assert parse_with_output_dir("--resume").resume and parse_with_output_dir("--fast-dev-run").fast_dev_run
