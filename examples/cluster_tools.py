@@ -27,6 +27,7 @@ import math
 import os
 import pickle
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -490,12 +491,12 @@ class RequeueOnSignal(L.Callback):
 
 
 def cluster_callbacks() -> list:
-    """SIGTERMExitCode, in every run; in a SLURM batch job (started by srun or torchrun)
-    RequeueOnSignal too, but not in an interactive job."""
+    """SIGTERMExitCode and NoEmptyLogs, in every run; in a SLURM batch job (started by
+    srun or torchrun) RequeueOnSignal too, but not in an interactive job."""
     batch_job = ("SLURM_JOB_ID" in os.environ
                  and os.environ.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES)
     requeue = [RequeueOnSignal()] if batch_job and launcher() != "lightning" else []
-    return [*requeue, SIGTERMExitCode()]
+    return [*requeue, SIGTERMExitCode(), NoEmptyLogs()]
 
 
 class SIGTERMExitCode(L.Callback):
@@ -519,6 +520,26 @@ class SIGTERMExitCode(L.Callback):
                   "last checkpoint (saved after each validation), run it again with "
                   f"--resume --output-dir {shlex.quote(str(trainer.default_root_dir))}",
                   file=sys.stderr, flush=True)
+
+
+class NoEmptyLogs(L.Callback):
+    """A run that stops before its first training step (a refused resume, say) leaves no
+    logs/version_N folder behind: the loggers start before the model's own checks run,
+    and a folder with nothing logged would pass for a run."""
+
+    def __init__(self):
+        self.trained = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.trained = True
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.trained or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            folder = Path(logger.log_dir or "")
+            if folder.name.startswith("version_") and folder.is_dir():  # this run's alone
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def cluster_plugins() -> list:
@@ -612,7 +633,7 @@ def claim_output_dir(trainer: L.Trainer, output_dir: Path):
         job = f", SLURM job {other['slurm_job']}" if other.get("slurm_job") else ""
         stop(f"error: {output_dir} is in use by another run (process {other.get('pid')} on "
              f"{other.get('host')}{job}: {other.get('command', '?')}); give this run another "
-             f"--output-dir, or delete {lock} if that run has ended")
+             f"--output-dir, or, if that run has ended: rm {shlex.quote(str(lock))}")
     if trainer.is_global_zero:
         lock.unlink(missing_ok=True)  # none, this run's own, or one left by a run now gone
         lock.write_text(json.dumps(me))

@@ -9,6 +9,7 @@ import csv
 import errno
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,8 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_dead_runs_claim_is_tak
     with pytest.raises(SystemExit) as stopped:
         cluster_tools.claim_output_dir(RANK0, tmp_path)
     assert stop_message(stopped).startswith(f"error: {tmp_path} is in use by another run (process {other_run.pid} on ")
-    assert stop_message(stopped).endswith(f"give this run another --output-dir, or delete {lock} if that run has ended")
+    assert stop_message(stopped).endswith(f"give this run another --output-dir, or, if that run has ended: "
+                                          f"rm {shlex.quote(str(lock))}")
     # That run was killed: its lock stays behind, and the next run takes the folder over.
     other_run.kill()
     other_run.wait()

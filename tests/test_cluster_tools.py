@@ -44,6 +44,7 @@ def parse(flags) -> argparse.Namespace:
         (("--max-epochs", "0"), "--max-epochs must be at least 1"),
         (("--lr", "-1"), "--lr must be positive and finite"),
         (("--lr", "nan"), "--lr must be positive and finite"),
+        (("--lr", "inf"), "--lr must be positive and finite, not inf"),
         (("--strategy", "deepspeed"), "invalid choice: 'deepspeed'"),
         (("--strategy", "fsdp", "--accelerator", "cpu"), "--strategy fsdp needs GPUs"),
         (("--num-nodes", "2"), "--num-nodes above 1 needs a launcher"),  # else: a hang
@@ -127,7 +128,8 @@ def test_torchrun_inside_slurm_uses_torchruns_ranks_and_still_requeues(job, monk
     assert [type(p) for p in cluster_tools.cluster_plugins()] == [TorchElasticEnvironment,
                                                                   cluster_tools.WholeCheckpointIO]
     assert [type(c) for c in cluster_tools.cluster_callbacks()] == [cluster_tools.RequeueOnSignal,
-                                                                    cluster_tools.SIGTERMExitCode]
+                                                                    cluster_tools.SIGTERMExitCode,
+                                                                    cluster_tools.NoEmptyLogs]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert cluster_tools.usable_cpus() == 4  # the task's 8 cores, shared by its 2 processes
     assert stop_line(4, 2) == 1  # rank 3 stops quietly; rank 0 says why:

@@ -101,11 +101,14 @@ def test_resume_exercise_reports_four_epochs_of_tiny_data(folders):
 
 
 @pytest.mark.xdist_group("training-pipeline.md")
-def test_refused_resume_leaves_an_almost_empty_log_folder(folders):
+def test_refused_resume_leaves_no_empty_log_folder(folders):
     page = folders("training-pipeline.md")
     [refused] = [c for c in page.page_commands if "--max-epochs 6 --output-dir runs/ex2 --resume" in c.text]
     assert page.run(refused).returncode != 0
-    assert (page.root / "runs" / "ex2" / "logs" / "version_2").is_dir()  # as the solution says
+    # The loggers had started, but the refused run leaves the first two runs' logs alone.
+    logs = page.root / "runs" / "ex2"
+    assert sorted(p.name for p in (logs / "logs").iterdir()) == ["version_0", "version_1"]
+    assert sorted(p.name for p in (logs / "tensorboard").iterdir()) == ["version_0", "version_1"]
 
 
 @pytest.mark.xdist_group("training-pipeline.md")
