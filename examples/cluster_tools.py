@@ -596,10 +596,16 @@ class WholeCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(part, path)  # atomic within one file system
-        except OSError as err:
+        except (OSError, RuntimeError) as err:
             part.unlink(missing_ok=True)
-            sys.exit(f"error: saving {path} failed ({err.strerror or err}); the checkpoints "
-                     f"saved before are kept: make room, then continue with --resume")
+            # A full disk inside torch.save surfaces as a RuntimeError of its zip
+            # writer, raised while handling the OSError.
+            cause = err if isinstance(err, OSError) else err.__context__
+            if not isinstance(cause, OSError):
+                raise
+            sys.exit(f"error: saving {path} failed ({cause.strerror or cause}); the "
+                     f"checkpoints saved before are kept: free space (not by deleting them), "
+                     f"then continue with --resume")
 
 
 def claim_output_dir(trainer: L.Trainer, output_dir: Path):
