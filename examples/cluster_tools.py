@@ -376,16 +376,16 @@ def check_launch(devices, num_nodes: int):
         world, here = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
         if isinstance(devices, int) and (here != devices or world != devices * num_nodes):
             stop(f"error: torchrun started {here} processes per node, {world} in all, "
-                     f"but --devices {devices} x --num-nodes {num_nodes} = "
-                     f"{devices * num_nodes}; give torchrun --nproc-per-node {devices} "
-                     f"--nnodes {num_nodes}")
+                 f"but --devices {devices} x --num-nodes {num_nodes} = "
+                 f"{devices * num_nodes}; give torchrun --nproc-per-node {devices} "
+                 f"--nnodes {num_nodes}")
         return
     if how == "lightning":
         # An allocation's shell may run on the login node, not on the job's nodes.
         if "SLURM_JOB_ID" in env and "SLURMD_NODENAME" not in env:
             stop(f"error: this shell holds SLURM job {env['SLURM_JOB_ID']} but runs "
-                     f"outside it, on {socket.gethostname()}; start the script on the "
-                     f"job's nodes with srun python ...")
+                 f"outside it, on {socket.gethostname()}; start the script on the "
+                 f"job's nodes with srun python ...")
         return
     ntasks = int(env["SLURM_NTASKS"])
     # srun gives every task it starts a step id; the job script itself has none. Run
@@ -393,24 +393,24 @@ def check_launch(devices, num_nodes: int):
     # the job's time runs out.
     if ntasks > 1 and "SLURM_STEP_ID" not in env:
         stop(f"error: this SLURM job has {ntasks} tasks but the script was not "
-                 f"started by srun, so only one of them runs; start it with srun "
-                 f"python ..., as the lesson's job templates do")
+             f"started by srun, so only one of them runs; start it with srun "
+             f"python ..., as the lesson's job templates do")
     if isinstance(devices, int) and ntasks != devices * num_nodes:
         stop(f"error: SLURM started {ntasks} tasks but --devices {devices} x "
-                 f"--num-nodes {num_nodes} = {devices * num_nodes}; set "
-                 f"--ntasks-per-node to the devices per node and --nodes to the "
-                 f"number of nodes")
+             f"--num-nodes {num_nodes} = {devices * num_nodes}; set "
+             f"--ntasks-per-node to the devices per node and --nodes to the "
+             f"number of nodes")
     per_node, nodes = env.get("SLURM_NTASKS_PER_NODE"), int(env.get("SLURM_NNODES", 1))
     if per_node and ntasks != int(per_node) * nodes:
         # Lightning would take --ntasks-per-node for the truth (issue #20391).
         stop(f"error: SLURM started {ntasks} tasks but the job asks for "
-                 f"--ntasks-per-node={per_node} on {nodes} node(s); ask for tasks "
-                 f"with --ntasks-per-node alone, and start them all: srun without -n")
+             f"--ntasks-per-node={per_node} on {nodes} node(s); ask for tasks "
+             f"with --ntasks-per-node alone, and start them all: srun without -n")
     layout = tasks_on_each_node()
     if isinstance(devices, int) and any(n != devices for n in layout):
         stop(f"error: SLURM placed {','.join(map(str, layout))} tasks on the "
-                 f"job's nodes but --devices {devices} needs {devices} on each; ask "
-                 f"for --ntasks-per-node={devices} instead of --ntasks")
+             f"job's nodes but --devices {devices} needs {devices} on each; ask "
+             f"for --ntasks-per-node={devices} instead of --ntasks")
     if not per_node and layout:
         # Lightning refuses a job of several tasks without --ntasks-per-node, as the
         # tasks might be spread unevenly; they are not (checked above).
