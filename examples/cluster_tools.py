@@ -104,8 +104,7 @@ def check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace):
         # Resumed, a fast-dev-run trains nothing, or Lightning fails. The job templates
         # always pass --resume: in a new job's empty --output-dir it resumes nothing.
         out = getattr(args, "output_dir", None)
-        if out is None or any(Path(out).glob("hpc_ckpt_*.ckpt")) \
-                or any(Path(out).glob("checkpoints/*.ckpt")):
+        if out is None or any(find_resume_checkpoint(Path(out))):
             where = f" ({out} holds a run's checkpoints)" if out else ""
             parser.error("--fast-dev-run runs one batch and saves no checkpoint; it "
                          f"cannot be combined with --resume{where}: drop --resume"
